@@ -1,0 +1,107 @@
+"""The decoder session: one onnxruntime session, a KV cache written in place, and a forward()
+that runs S new tokens and returns logits for the positions asked for.
+
+The KV cache is one [1, kv_heads, context, head_dim] buffer per layer and per K/V, bound both as
+GroupQueryAttention's past and present: nothing is copied between steps. np.zeros maps the
+buffers lazily, so RSS grows with the tokens actually used, not with the context length.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle
+from .errors import ConfigError, ContextError
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class Decoder:
+    def __init__(self, bundle: Bundle, *, threads: int, context_length: int):
+        g = bundle.manifest.graph
+        if context_length < 2 or context_length > bundle.manifest.model.max_context:
+            raise ConfigError(f"context_length must be in [2, {bundle.manifest.model.max_context}] for this model, "
+                              f"not {context_length}")
+        self.spec = g
+        self.context_length = context_length
+        self.vocab_size = bundle.manifest.model.vocab_size
+        self.session = ort.InferenceSession(str(bundle.path(g.file)), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
+        self.kv = [np.zeros(shape, np.float32) for _ in range(2 * len(g.past_keys))]
+        self.io = self.session.io_binding()
+        for i, (pk, pv, ok, ov) in enumerate(zip(g.past_keys, g.past_values, g.present_keys, g.present_values)):
+            k = ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i])
+            v = ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i + 1])
+            self.io.bind_ortvalue_input(pk, k)
+            self.io.bind_ortvalue_output(ok, k)
+            self.io.bind_ortvalue_input(pv, v)
+            self.io.bind_ortvalue_output(ov, v)
+        # one-token decode inputs live in fixed arrays bound once and updated in place
+        self._ids1 = np.zeros((1, 1), np.int64)
+        self._seqlens = np.zeros((1,), np.int32)
+        self._total = np.zeros((), np.int32)
+        self._pos_last = np.zeros((1,), np.int64)
+        self._logits1 = np.zeros((1, 1, self.vocab_size), np.float32)
+        for name, arr in ((g.seqlens_k, self._seqlens), (g.total_sequence_length, self._total)):
+            self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        self._bind_step(self._ids1, self._pos_last, self._logits1)
+        self.position = 0   # tokens in the cache
+
+    def _bind_step(self, ids: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
+        g = self.spec
+        self.io.bind_ortvalue_input(g.input_ids, ort.OrtValue.ortvalue_from_numpy(ids))
+        self.io.bind_ortvalue_input(g.logits_positions, ort.OrtValue.ortvalue_from_numpy(positions))
+        self.io.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(logits))
+        self._single = ids is self._ids1
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the buffers are overwritten, not cleared)."""
+        self.position = 0
+
+    def room(self) -> int:
+        return self.context_length - self.position
+
+    def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
+        """Run `ids` (the next tokens) through the model; logits [P, vocab] for the last
+        position, or for every position when `all_logits`."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                     # [1, S]
+        s = ids.shape[1]
+        if s == 0:
+            raise ConfigError("forward() needs at least one token")
+        if self.position + s > self.context_length:
+            raise ContextError(f"{self.position + s} tokens do not fit the context window of {self.context_length}")
+        total = self.position + s
+        self._seqlens[0] = total - 1
+        self._total[...] = total
+        if s == 1 and not all_logits:
+            if not self._single:
+                self._bind_step(self._ids1, self._pos_last, self._logits1)
+            self._ids1[0, 0] = ids[0, 0]
+            self.session.run_with_iobinding(self.io)
+            self.position = total
+            return self._logits1[0]
+        positions = np.arange(s, dtype=np.int64) if all_logits else np.array([s - 1], np.int64)
+        logits = np.empty((1, positions.size, self.vocab_size), np.float32)          # [1, P, vocab]
+        self._bound = (np.ascontiguousarray(ids), positions, logits)   # keep alive while bound
+        self._bind_step(*self._bound)
+        self.session.run_with_iobinding(self.io)
+        self.position = total
+        return logits[0]

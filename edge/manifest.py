@@ -1,0 +1,150 @@
+"""The bundle manifest: everything the runtime needs to know, nothing inferred from file names.
+
+A bundle is a folder:
+    manifest.json        this file's dataclasses, as JSON
+    model.onnx           the decoder graph (weights in model.onnx.data, external data)
+    tokenizer.json       Hugging Face tokenizers format
+    chat_template.jinja  optional
+The runtime runs what the manifest's `graph` section names; `model` is a normalised description
+of the architecture for humans and planners, never branched on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .errors import BundleError, ConfigError
+from .schema import from_dict, to_dict
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Normalised architecture description (decoder-only transformer)."""
+    architecture: str            # the source's HF model_type, for information only
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_context: int             # positions the rotary tables cover
+    rope_theta: float
+    rope_scaling: str            # "none", "linear", "llama3", ...
+    norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    sliding_window: int          # 0: full attention
+    num_parameters: int
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Names of the decoder graph's inputs and outputs.
+
+    input_ids [1, S] int64; seqlens_k [1] int32 = total-1; total_sequence_length [] int32;
+    logits_positions [P] int64: which of the S positions get logits; logits [1, P, vocab].
+    KV caches are [1, kv_heads, max_context, head_dim], past and present bound to one buffer.
+    """
+    file: str
+    input_ids: str
+    seqlens_k: str
+    total_sequence_length: str
+    logits_positions: str
+    logits: str
+    past_keys: tuple[str, ...]
+    past_values: tuple[str, ...]
+    present_keys: tuple[str, ...]
+    present_values: tuple[str, ...]
+    kv_num_heads: int
+    kv_head_dim: int
+    kv_dtype: str                # "float32"
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    file: str
+    chat_template: str           # file name, "" when the model has none
+    bos_token_id: int            # -1: none
+    eos_token_ids: tuple[int, ...]
+    add_bos_token: bool
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults from the checkpoint's generation_config.json (0 / 1.0 = off)."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One weight as stored: its quantization and the error that quantization made."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: str                   # "float32", "int8", "int4"
+    method: str = "none"         # "none", "rtn"
+    block_size: int = 0
+    symmetric: bool = True
+    max_rel_err: float = 0.0     # max |w - q(w)| / max |w| over the tensor
+    rms_rel_err: float = 0.0     # ||w - q(w)|| / ||w||
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str
+    format: str                  # "hf-safetensors", "gguf"
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    producer: str
+    quant: str                   # the export's headline scheme: "fp32", "int8", "int4"
+    model: ModelSpec
+    graph: GraphSpec
+    tokenizer: TokenizerSpec
+    generation: GenerationDefaults
+    source: SourceInfo
+    tensors: tuple[TensorEntry, ...] = field(default_factory=tuple)
+    files: tuple[FileEntry, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"manifest.json is not valid JSON ({e}); the bundle is corrupt: export it again") from None
+        if not isinstance(data, dict):
+            raise BundleError("manifest.json is not a JSON object; the bundle is corrupt: export it again")
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError("manifest.json has no format_version; this is not an edge bundle")
+        if version > FORMAT_VERSION:
+            raise BundleError(f"bundle format {version} is newer than this edge understands ({FORMAT_VERSION}): "
+                              "upgrade edge (pip install -U edge)")
+        if version < FORMAT_VERSION:
+            raise BundleError(f"bundle format {version} is older than this edge supports ({FORMAT_VERSION}): "
+                              "re-export it with `edge export`")
+        try:
+            return from_dict(Manifest, data, "manifest")
+        except ConfigError as e:
+            raise BundleError(f"invalid manifest.json: {e}") from None

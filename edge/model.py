@@ -1,0 +1,183 @@
+"""The Python API: `edge.load(path)` -> Model with generate / stream / chat.
+
+One Model serves one generation at a time: calls from several threads are serialised by a lock
+(each waits for the previous generation to finish). For parallel generation, load one Model
+per thread. Closing a stream iterator early (or breaking out of the loop) ends the generation
+and frees the model for the next caller.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .bundle import Bundle, open_bundle
+from .engine import Decoder, default_threads
+from .errors import ConfigError, ContextError
+from .sampling import Sampler, SamplingParams
+from .text import StopStrings, StreamDecoder, Text
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0          # prompt in, first token's logits out
+    decode_s: float = 0.0           # wall time from the prompt's logits to the last step's
+    decode_steps: int = 0           # one-token forward passes in decode_s
+    finish_reason: str = ""         # "eos", "stop", "length", "context", "cancelled"
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+
+class Model:
+    def __init__(self, bundle: Bundle, *, threads: int, context_length: int):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.manifest = m
+        self.text = Text(m.tokenizer, bundle.path(m.tokenizer.file),
+                         bundle.path(m.tokenizer.chat_template) if m.tokenizer.chat_template else None)
+        self.decoder = Decoder(bundle, threads=threads, context_length=context_length)
+        self.threads = threads
+        self.eos = frozenset(m.tokenizer.eos_token_ids)
+        self.last_stats = GenerationStats()
+        self._lock = threading.Lock()
+
+    @property
+    def context_length(self) -> int:
+        return self.decoder.context_length
+
+    def params(self, **sampling) -> SamplingParams:
+        """Sampling parameters: the bundle's defaults overridden by `sampling`."""
+        g = self.manifest.generation
+        base = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+                    repetition_penalty=g.repetition_penalty)
+        unknown = set(sampling) - {f.name for f in dataclasses.fields(SamplingParams)}
+        if unknown:
+            raise ConfigError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        if isinstance(sampling.get("stop"), str):
+            sampling["stop"] = (sampling["stop"],)
+        elif sampling.get("stop") is not None:
+            sampling["stop"] = tuple(sampling["stop"])
+        return SamplingParams(**{**base, **{k: v for k, v in sampling.items() if v is not None}})
+
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be a string, not {type(prompt).__name__}")
+        if not prompt:
+            raise ConfigError("the prompt is empty")
+        return self.text.encode(prompt)
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompt: str, **sampling) -> str:
+        return "".join(self.stream(prompt, **sampling))
+
+    def chat(self, messages: list[dict], *, stream: bool = False, **sampling):
+        """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) with the model's chat template."""
+        prompt = self.text.render_chat(messages, add_generation_prompt=True)
+        it = self.stream(prompt, **sampling)
+        return it if stream else "".join(it)
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """Yield text pieces as they decode."""
+        params = self.params(**sampling)
+        ids = self.encode(prompt)
+        return self._stream(ids, params)
+
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        detok = StreamDecoder(self.text)
+        stops = StopStrings(params.stop)
+        with self._lock:
+            stats = GenerationStats(prompt_tokens=len(ids), finish_reason="cancelled")
+            self.last_stats = stats
+            try:
+                for token in self._tokens(ids, params, stats):
+                    piece, stopped = stops.feed(detok.push(token))
+                    if piece:
+                        yield piece
+                    if stopped:
+                        stats.finish_reason = "stop"
+                        return
+                tail = stops.flush()
+                if tail:
+                    yield tail
+            finally:
+                self.decoder.reset()
+
+    def generate_ids(self, ids: list[int], **sampling) -> list[int]:
+        """Token ids in, generated token ids out (no detokenisation, no stop strings)."""
+        params = self.params(**sampling)
+        with self._lock:
+            stats = GenerationStats(prompt_tokens=len(ids))
+            self.last_stats = stats
+            try:
+                return list(self._tokens(list(ids), params, stats))
+            finally:
+                self.decoder.reset()
+
+    def _tokens(self, ids: list[int], params: SamplingParams, stats: GenerationStats) -> Iterator[int]:
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        if len(ids) >= self.context_length:
+            raise ContextError(f"the prompt is {len(ids)} tokens but the context window is {self.context_length}: "
+                               f"shorten it or load the model with a larger context_length "
+                               f"(this model allows up to {self.manifest.model.max_context})")
+        sample = Sampler(params)
+        history = np.array(ids, np.int64) if params.repetition_penalty != 1.0 else None
+        self.decoder.reset()
+        t0 = time.perf_counter()
+        logits = self.decoder.forward(ids)[-1]
+        t1 = time.perf_counter()
+        stats.prefill_s = t1 - t0
+        for n in range(params.max_new_tokens):
+            token = sample(logits, history)
+            stats.generated_tokens = n + 1
+            if token in self.eos:
+                stats.finish_reason = "eos"
+                return
+            yield token
+            if n + 1 == params.max_new_tokens:
+                stats.finish_reason = "length"
+                return
+            if self.decoder.room() == 0:
+                stats.finish_reason = "context"
+                return
+            if history is not None:
+                history = np.append(history, token)
+            logits = self.decoder.forward([token])
+            stats.decode_steps += 1
+            stats.decode_s = time.perf_counter() - t1   # wall time of every step after the prompt
+
+    # -- scoring (perplexity, tests) -------------------------------------------------------------
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] of a fresh sequence (prefill with every position's logits)."""
+        with self._lock:
+            self.decoder.reset()
+            try:
+                return self.decoder.forward(ids, all_logits=True).copy()
+            finally:
+                self.decoder.reset()
+
+
+def load(path, *, threads: int | None = None, context_length: int | None = None) -> Model:
+    """Open a bundle made by `edge export`.
+
+    threads: CPU threads for onnxruntime (default: the cores this process may use).
+    context_length: tokens the KV cache holds, prompt included (default: min(model max, 4096));
+        memory for it is committed only as it fills.
+    """
+    bundle = open_bundle(path)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive integer, not {threads!r}")
+    ctx = context_length or min(bundle.manifest.model.max_context, 4096)
+    return Model(bundle, threads=threads or default_threads(), context_length=ctx)

@@ -1,0 +1,141 @@
+"""`edge export`: a Hugging Face folder or GGUF file -> a self-describing edge bundle.
+
+Streams tensor by tensor (each weight is read, quantized, written and dropped), writes into a
+temporary folder next to the destination and renames it into place only when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge import __version__
+from edge.errors import EdgeError
+from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, GenerationDefaults, Manifest, SourceInfo, TokenizerSpec
+
+from .arch import describe
+from .decoder import QuantPolicy, build_decoder
+from .onnx_graph import Graph
+from .quant import QuantScheme
+from .sources import open_source
+
+QUANTS = ("fp32", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    quant: str = "int4"              # scheme of the transformer's linear layers
+    block_size: int = 32
+    symmetric: bool = True
+    embed_quant: str = "auto"        # fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)
+    lm_head_quant: str = "auto"      # fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)
+    max_context: int = 0             # 0: the model's max_position_embeddings
+
+    def policy(self) -> QuantPolicy:
+        def scheme(q: str) -> QuantScheme | None:
+            if q not in QUANTS:
+                raise EdgeError(f"unknown quantization {q!r}; choose one of {', '.join(QUANTS)}")
+            return None if q == "fp32" else QuantScheme(int(q[3:]), self.block_size, self.symmetric)
+        auto = "fp32" if self.quant == "fp32" else "int8"
+        return QuantPolicy(linear=scheme(self.quant),
+                           embed=scheme(auto if self.embed_quant == "auto" else self.embed_quant),
+                           lm_head=scheme(auto if self.lm_head_quant == "auto" else self.lm_head_quant))
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    out: Path
+    seconds: float
+    peak_rss_mb: float
+    bundle_mb: float
+    manifest: Manifest
+
+
+def _generation_defaults(gen: dict) -> GenerationDefaults:
+    sample = bool(gen.get("do_sample", False))
+    return GenerationDefaults(temperature=float(gen.get("temperature", 1.0)) if sample else 0.0,
+                              top_k=int(gen.get("top_k", 0) or 0) if sample else 0,
+                              top_p=float(gen.get("top_p", 1.0) or 1.0) if sample else 1.0,
+                              repetition_penalty=float(gen.get("repetition_penalty", 1.0) or 1.0))
+
+
+def _file_entry(root: Path, name: str) -> FileEntry:
+    h = hashlib.sha256()
+    with open(root / name, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return FileEntry(path=name, size=(root / name).stat().st_size, sha256=h.hexdigest())
+
+
+def export_model(src: str, out: str | os.PathLike, options: ExportOptions = ExportOptions(), *,
+                 force: bool = False, progress: bool = True) -> ExportReport:
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgeError(f"{out} already exists; pass --force to replace it")
+    policy = options.policy()
+    source = open_source(src)
+    arch = describe(source.config)
+    max_ctx = min(arch.spec.max_context, options.max_context or arch.spec.max_context)
+    assets = source.tokenizer()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        g = Graph(tmp / "model.onnx.data")
+        bar = _progress(arch.spec.num_layers, progress)
+        graph, tensors, n_params = build_decoder(g, arch, source.get, policy, max_context=max_ctx,
+                                                 progress=lambda s: bar.update(1))
+        bar.close()
+        g.save(tmp / "model.onnx")
+        (tmp / "tokenizer.json").write_text(assets.tokenizer_json)
+        files = ["model.onnx", "model.onnx.data", "tokenizer.json"]
+        if assets.chat_template:
+            (tmp / "chat_template.jinja").write_text(assets.chat_template)
+            files.append("chat_template.jinja")
+        spec = dataclasses.replace(arch.spec, max_context=max_ctx, num_parameters=n_params)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, producer=f"edge {__version__}", quant=options.quant, model=spec, graph=graph,
+            tokenizer=TokenizerSpec(file="tokenizer.json", chat_template="chat_template.jinja" if assets.chat_template else "",
+                                    bos_token_id=assets.bos_token_id, eos_token_ids=assets.eos_token_ids,
+                                    add_bos_token=assets.add_bos_token),
+            generation=_generation_defaults(source.generation_config()),
+            source=SourceInfo(path=str(src), format=source.format, dtype=source.dtype),
+            tensors=tuple(tensors), files=tuple(_file_entry(tmp, f) for f in files))
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        _fsync_dir(tmp)
+        if out.exists():   # --force: move the old bundle aside only once the new one is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == 28:
+            raise EdgeError(f"disk full while writing {out}: nothing was written; free space and retry") from None
+        raise
+    size = sum(f.size for f in manifest.files) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return ExportReport(out=out, seconds=time.perf_counter() - t0, peak_rss_mb=peak, bundle_mb=size, manifest=manifest)
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="export", unit="layer", disable=not enabled or not sys.stderr.isatty(),
+                file=sys.stderr)

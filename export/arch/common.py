@@ -1,0 +1,96 @@
+"""What every decoder architecture module returns, and the Llama-family helpers they share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from edge.errors import UnsupportedError
+from edge.manifest import ModelSpec
+
+from ..rope import rope_kind
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """A decoder-only transformer as the exporter builds it.
+
+    spec: the normalised description (num_parameters is filled in by the exporter).
+    rope_scaling: the checkpoint's rope_scaling dict (or None).
+    top: checkpoint names of "embed", "final_norm" and "lm_head" (absent when tied).
+    layer_names(i): role -> checkpoint name; roles: input_norm, post_norm, q, k, v, o,
+        gate, up, down, optional <linear>_bias, q_norm, k_norm.
+    gguf_fixup(hf_name, array): undoes what llama.cpp's converter did to a tensor of this
+        architecture (None: nothing to undo).
+    """
+    spec: ModelSpec
+    rope_scaling: dict | None
+    top: dict[str, str]
+    layer_names: Callable[[int], dict[str, str]]
+    gguf_fixup: Callable[[str, Any], Any] | None = field(default=None)
+
+
+def require(cfg: dict, key: str):
+    if key not in cfg:
+        raise UnsupportedError(f"config.json of this {cfg.get('model_type')} checkpoint has no {key!r}")
+    return cfg[key]
+
+
+def reject(cfg: dict, key: str, allowed, why: str = "") -> None:
+    """Refuse a config value that changes the computation in a way edge does not implement."""
+    v = cfg.get(key)
+    if v is not None and v not in allowed:
+        raise UnsupportedError(f"config.json {key}={v!r} is not supported for {cfg.get('model_type')}"
+                               f" (supported: {', '.join(map(repr, allowed))}){why}")
+
+
+def rope_config(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either the classic rope_theta/rope_scaling keys or transformers 5's
+    rope_parameters."""
+    params = cfg.get("rope_parameters") or {}
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return theta, scaling
+
+
+def llama_family(cfg: dict, *, attention_bias: bool, mlp_bias: bool = False, qk_norm: bool = False,
+                 o_bias: bool | None = None, sliding_window: int = 0) -> DecoderArch:
+    """The Llama layout: RMSNorm, rotary GQA attention, SwiGLU MLP, HF tensor names."""
+    reject(cfg, "hidden_act", ("silu",))
+    theta, scaling = rope_config(cfg)
+    hidden, heads = require(cfg, "hidden_size"), require(cfg, "num_attention_heads")
+    head_dim = cfg.get("head_dim") or hidden // heads
+    spec = ModelSpec(
+        architecture=cfg["model_type"], vocab_size=require(cfg, "vocab_size"), hidden_size=hidden,
+        num_layers=require(cfg, "num_hidden_layers"), num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+        intermediate_size=require(cfg, "intermediate_size"),
+        max_context=cfg.get("max_position_embeddings") or 4096, rope_theta=theta,
+        rope_scaling=rope_kind(scaling), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), attention_bias=attention_bias,
+        qk_norm=qk_norm, sliding_window=sliding_window, num_parameters=0)
+    o_bias = attention_bias if o_bias is None else o_bias
+
+    def layer_names(i: int) -> dict[str, str]:
+        p = f"model.layers.{i}."
+        names = {"input_norm": p + "input_layernorm.weight", "post_norm": p + "post_attention_layernorm.weight"}
+        for r in ("q", "k", "v", "o"):
+            names[r] = p + f"self_attn.{r}_proj.weight"
+        for r in ("gate", "up", "down"):
+            names[r] = p + f"mlp.{r}_proj.weight"
+        biased = (["q", "k", "v"] if attention_bias else []) + (["o"] if o_bias else []) + \
+                 (["gate", "up", "down"] if mlp_bias else [])
+        for r in biased:
+            names[r + "_bias"] = names[r][: -len("weight")] + "bias"
+        if qk_norm:
+            names["q_norm"] = p + "self_attn.q_norm.weight"
+            names["k_norm"] = p + "self_attn.k_norm.weight"
+        return names
+
+    top = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
+    if not spec.tie_word_embeddings:
+        top["lm_head"] = "lm_head.weight"
+    return DecoderArch(spec=spec, rope_scaling=scaling, top=top, layer_names=layer_names)

@@ -1,0 +1,190 @@
+"""Build the decoder ONNX graph of a dense Llama-family model, one tensor at a time.
+
+    input_ids [1,S] ─► Embed (Gather | GatherBlockQuantized) ─► h [1,S,H]
+    for each layer:
+        (Skip)SimplifiedLayerNorm(h + residual) ─► x, residual
+        x ─► Linear qkv (fused q|k|v rows) ─► [q/k RMSNorm per head] ─► GroupQueryAttention ─► Linear o
+              past_key.i / past_value.i ──┘ (rotary inside, KV written in place) └─► present_key.i / present_value.i
+        SkipSimplifiedLayerNorm(o + residual) ─► x, residual
+        x ─► Linear gate|up (fused) ─► Split ─► SiLU(gate) * up ─► Linear down ─► h
+    SkipSimplifiedLayerNorm(h + residual) ─► Gather(logits_positions, axis 1) ─► Linear lm_head ─► logits [1,P,V]
+
+Linear = MatMulNBits (int4/int8, accuracy_level 4) or MatMul (fp32). GroupQueryAttention's
+past and present share one [1, kv_heads, max_context, head_dim] buffer per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from onnx import TensorProto
+
+from edge.manifest import GraphSpec, ModelSpec, TensorEntry
+
+from .arch.common import DecoderArch
+from .onnx_graph import Graph
+from .quant import QuantScheme, quantize
+from .rope import tables
+
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """Which scheme each kind of weight gets (None = fp32)."""
+    linear: QuantScheme | None
+    embed: QuantScheme | None
+    lm_head: QuantScheme | None
+
+
+class _Emitter:
+    """Adds weights to the graph and records each one's manifest entry."""
+
+    def __init__(self, g: Graph):
+        self.g = g
+        self.entries: list[TensorEntry] = []
+        self.num_parameters = 0
+
+    def record(self, name: str, w: np.ndarray, scheme: QuantScheme | None, max_rel=0.0, rms_rel=0.0) -> None:
+        self.num_parameters += int(w.size)
+        if scheme is None:
+            self.entries.append(TensorEntry(name=name, shape=tuple(w.shape), dtype="float32"))
+        else:
+            self.entries.append(TensorEntry(name=name, shape=tuple(w.shape), dtype=scheme.dtype, method=scheme.method,
+                                            block_size=scheme.block_size, symmetric=scheme.symmetric,
+                                            max_rel_err=max_rel, rms_rel_err=rms_rel))
+
+    def plain(self, name: str, w: np.ndarray) -> str:
+        self.record(name, w, None)
+        return self.g.weight(name, w.astype(np.float32))
+
+    def linear(self, x: str, w: np.ndarray, name: str, scheme: QuantScheme | None, bias: np.ndarray | None = None,
+               *, out: str | None = None) -> str:
+        """y = x @ w.T (+ bias); w is [N, K] as in a Hugging Face Linear. `out` names the result."""
+        n, k = w.shape
+        outs = [out] if out else None
+        if scheme is None:
+            self.record(name, w, None)
+            wt = self.g.weight(name, np.ascontiguousarray(w.T, np.float32))
+            if bias is None:
+                return self.g.op("MatMul", [x, wt], name=name, outputs=outs)[0]
+            y = self.g.op1("MatMul", [x, wt], name=name)
+            return self.g.op("Add", [y, self.plain(name + ".bias", bias)], name=name + "/bias", outputs=outs)[0]
+        q = quantize(w, scheme)
+        self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err)
+        ins = [x, self.g.weight(name + ".qweight", q.packed), self.g.weight(name + ".scales", q.scales)]
+        ins.append(self.g.weight(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
+        if bias is not None:
+            ins += ["", self.plain(name + ".bias", bias)]
+        return self.g.op("MatMulNBits", ins, name=name, outputs=outs, domain=MS, K=k, N=n, bits=scheme.bits,
+                         block_size=scheme.block_size, accuracy_level=4)[0]
+
+    def embedding(self, ids: str, w: np.ndarray, name: str, scheme: QuantScheme | None) -> str:
+        if scheme is None or w.shape[1] % scheme.block_size:
+            return self.g.op1("Gather", [self.plain(name, w), ids], name=name, axis=0)
+        q = quantize(w, scheme)
+        self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err)
+        v = w.shape[0]
+        data = q.packed.reshape(v, -1)                               # [V, H * bits / 8]
+        ins = [self.g.weight(name + ".qweight", data), ids, self.g.weight(name + ".scales", q.scales)]
+        if q.zero_points is not None:
+            ins.append(self.g.weight(name + ".zero_points", q.zero_points))
+        return self.g.op1("GatherBlockQuantized", ins, name=name, domain=MS, gather_axis=0, quantize_axis=1,
+                          block_size=scheme.block_size, bits=scheme.bits)
+
+
+def _rms(g: Graph, x: str, w: str, eps: float, name: str) -> str:
+    return g.op1("SimplifiedLayerNormalization", [x, w], name=name, axis=-1, epsilon=eps, stash_type=1)
+
+
+def _skip_rms(g: Graph, x: str, residual: str, w: str, eps: float, name: str) -> tuple[str, str]:
+    """(norm(x + residual), x + residual)."""
+    out, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], 4, name=name,
+                            domain=MS, epsilon=eps)
+    return out, total
+
+
+def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray], policy: QuantPolicy, *,
+                  max_context: int, progress: Callable[[str], None] = lambda s: None
+                  ) -> tuple[GraphSpec, list[TensorEntry], int]:
+    """Emit the whole decoder into `g`; returns the graph spec, tensor entries, parameter count."""
+    s: ModelSpec = arch.spec
+    em = _Emitter(g)
+    H, D, KV, NH = s.hidden_size, s.head_dim, s.num_kv_heads, s.num_heads
+    ids = g.input("input_ids", TensorProto.INT64, [1, "S"])
+    seqlens_k = g.input("seqlens_k", TensorProto.INT32, [1])
+    total = g.input("total_sequence_length", TensorProto.INT32, [])
+    positions = g.input("logits_positions", TensorProto.INT64, ["P"])
+    cos, sin = tables(D, s.rope_theta, arch.rope_scaling, max_context)
+    cos_name, sin_name = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
+
+    h = em.embedding(ids, get(arch.top["embed"]), "embed", policy.embed)
+    residual = None
+    names = dict(past_keys=[], past_values=[], present_keys=[], present_values=[])
+    for i in range(s.num_layers):
+        progress(f"layer {i + 1}/{s.num_layers}")
+        n = arch.layer_names(i)
+        p = f"layers.{i}."
+        w = lambda role: get(n[role])
+        b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
+        if residual is None:
+            x, residual = _rms(g, h, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm"), h
+        else:
+            x, residual = _skip_rms(g, h, residual, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm")
+
+        # attention: fused q|k|v rows [(NH + 2 KV) * D, H]
+        wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
+        bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
+        qkv = em.linear(x, wqkv, p + "qkv", policy.linear, bqkv)
+        del wqkv
+        if s.qk_norm:
+            q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
+                           3, name=p + "qkv_split", axis=-1)
+            q = _head_rms(g, em, q, w("q_norm"), NH, D, s.norm_eps, p + "q_norm")
+            k = _head_rms(g, em, k, w("k_norm"), KV, D, s.norm_eps, p + "k_norm")
+            attn_in = [q, k, v]
+        else:
+            attn_in = [qkv, "", ""]
+        pk, pv, ok, ov = f"past_key.{i}", f"past_value.{i}", f"present_key.{i}", f"present_value.{i}"
+        for nm in (pk, pv):
+            g.input(nm, TensorProto.FLOAT, [1, KV, "max_context", D])
+        for nm in (ok, ov):
+            g.output(nm, TensorProto.FLOAT, [1, KV, "max_context", D])
+        attrs = dict(num_heads=NH, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=float(D) ** -0.5)
+        if s.sliding_window:
+            attrs["local_window_size"] = s.sliding_window
+        attn = g.op("GroupQueryAttention", attn_in + [pk, pv, seqlens_k, total, cos_name, sin_name], 3,
+                    name=p + "attn", outputs=[g.fresh(p + "attn/out"), ok, ov], domain=MS, **attrs)[0]
+        for key, nm in (("past_keys", pk), ("past_values", pv), ("present_keys", ok), ("present_values", ov)):
+            names[key].append(nm)
+        o = em.linear(attn, w("o"), p + "o", policy.linear, b("o"))
+
+        x, residual = _skip_rms(g, o, residual, em.plain(p + "post_norm", w("post_norm")), s.norm_eps, p + "post_norm")
+        # MLP: fused gate|up rows [2F, H]
+        wgu = np.concatenate([w("gate"), w("up")], axis=0)
+        bgu = np.concatenate([b("gate"), b("up")]) if "gate_bias" in n else None
+        gu = em.linear(x, wgu, p + "gate_up", policy.linear, bgu)
+        del wgu
+        gate, up = g.op("Split", [gu], 2, name=p + "gate_up_split", axis=-1, num_outputs=2)
+        act = g.op1("QuickGelu", [gate], name=p + "silu", domain=MS, alpha=1.0)     # x * sigmoid(x)
+        h = em.linear(g.op1("Mul", [act, up], name=p + "swiglu"), w("down"), p + "down", policy.linear, b("down"))
+
+    x, _ = _skip_rms(g, h, residual, em.plain("final_norm", get(arch.top["final_norm"])), s.norm_eps, "final_norm")
+    x = g.op1("Gather", [x, positions], name="logits_positions", axis=1)              # [1, P, H]
+    head = get(arch.top.get("lm_head", arch.top["embed"]))
+    logits = em.linear(x, head, "lm_head", policy.lm_head, out="logits")
+    if s.tie_word_embeddings:
+        em.num_parameters -= head.size          # one tensor, counted once
+    g.output("logits", TensorProto.FLOAT, [1, "P", s.vocab_size])
+    spec = GraphSpec(file="model.onnx", input_ids=ids, seqlens_k=seqlens_k, total_sequence_length=total,
+                     logits_positions=positions, logits="logits", kv_num_heads=KV, kv_head_dim=D,
+                     kv_dtype="float32", **{k: tuple(v) for k, v in names.items()})
+    return spec, em.entries, em.num_parameters
+
+
+def _head_rms(g: Graph, em: _Emitter, x: str, w: np.ndarray, heads: int, d: int, eps: float, name: str) -> str:
+    """RMSNorm over each head's d values: [1,S,heads*d] -> [1,S,heads,d] -> norm -> [1,S,heads*d]."""
+    x4 = g.op1("Reshape", [x, g.weight(name + ".shape4", np.array([0, 0, heads, d], np.int64))], name=name + "/split_heads")
+    y = _rms(g, x4, em.plain(name, w), eps, name)
+    return g.op1("Reshape", [y, g.weight(name + ".shape3", np.array([0, 0, heads * d], np.int64))], name=name + "/merge_heads")

@@ -1,0 +1,83 @@
+"""A small ONNX graph accumulator whose initializers stream straight to an external-data file.
+
+Each initializer's bytes are written when it is added (4 KiB aligned, so onnxruntime can
+memory-map them) and only a reference is kept in memory: exporting never holds the model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+ALIGN = 4096
+OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+
+_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint8): TensorProto.UINT8,
+           np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32}
+
+
+class Graph:
+    def __init__(self, data_path: Path):
+        self.data_path = Path(data_path)
+        self._data = open(self.data_path, "wb")
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._names: dict[str, int] = {}
+        self.bytes_written = 0
+
+    def fresh(self, base: str) -> str:
+        n = self._names.get(base, 0)
+        self._names[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Add an initializer; small ones stay inline, the rest go to the data file."""
+        a = np.ascontiguousarray(array)
+        if a.dtype not in _DTYPES:
+            raise TypeError(f"{name}: unsupported dtype {a.dtype}")
+        if a.nbytes < 1024:
+            t = onnx.numpy_helper.from_array(a, name)
+        else:
+            pad = -self._data.tell() % ALIGN
+            self._data.write(b"\0" * pad)
+            offset = self._data.tell()
+            self._data.write(a.tobytes())
+            self.bytes_written += a.nbytes
+            t = TensorProto(name=name, data_type=_DTYPES[a.dtype], dims=a.shape,
+                            data_location=TensorProto.EXTERNAL)
+            for k, v in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(a.nbytes))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+        self.initializers.append(t)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, name: str | None = None,
+           outputs: list[str] | None = None, domain: str = "", **attrs) -> list[str]:
+        """Append a node; its outputs are `outputs` (graph outputs) or fresh names."""
+        base = self.fresh(name or op_type)
+        outs = outputs or [f"{base}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain, **attrs))
+        return outs
+
+    def op1(self, op_type: str, inputs: list[str], **kw) -> str:
+        return self.op(op_type, inputs, 1, **kw)[0]
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, name: str, elem_type: int, shape: list) -> str:
+        """Declare a graph output (a node must produce `name`)."""
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def save(self, path: Path) -> None:
+        self._data.close()
+        g = helper.make_graph(self.nodes, "edge_decoder", self.inputs, self.outputs, self.initializers)
+        m = helper.make_model(g, opset_imports=OPSETS, producer_name="edge")
+        m.ir_version = 10
+        onnx.save_model(m, str(path))

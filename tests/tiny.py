@@ -1,0 +1,57 @@
+"""Tiny random checkpoints of every supported architecture, made with transformers (the
+reference) and saved as Hugging Face folders, plus a small byte-level tokenizer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+VOCAB = 272
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+              bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
+
+CONFIGS = {
+    "llama": dict(model_type="llama"),
+    "llama-tied-rope3": dict(model_type="llama", tie_word_embeddings=True, attention_bias=True,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "mistral-window": dict(model_type="mistral", sliding_window=6),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=32),
+}
+
+
+def tokenizer_json() -> str:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    return tok.to_str()
+
+
+def make(name: str, out: Path, seed: int = 0) -> Path:
+    """Save a random transformers model of config `name` into `out`; returns `out`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = {**COMMON, **CONFIGS[name]}
+    model_type = kw.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():   # random norms and biases too, so every weight matters in the comparison
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer.json").write_text(tokenizer_json())
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+    return out
