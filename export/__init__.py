@@ -33,8 +33,9 @@ class ExportOptions:
     quant: str = "int4"              # scheme of the transformer's linear layers
     block_size: int = 32
     symmetric: bool = True
-    embed_quant: str = "auto"        # fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)
-    lm_head_quant: str = "auto"      # fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)
+    embed_quant: str = "auto"        # fp32 | int8 | int4 | auto: fp32 for fp32 exports, else int8 (only the
+                                     #   gathered rows are ever read, so int8 costs disk, not speed or RSS)
+    lm_head_quant: str = "auto"      # fp32 | int8 | int4 | auto: as the linear layers (it is read every token)
     max_context: int = 0             # 0: the model's max_position_embeddings
 
     def policy(self) -> QuantPolicy:
@@ -42,10 +43,9 @@ class ExportOptions:
             if q not in QUANTS:
                 raise EdgeError(f"unknown quantization {q!r}; choose one of {', '.join(QUANTS)}")
             return None if q == "fp32" else QuantScheme(int(q[3:]), self.block_size, self.symmetric)
-        auto = "fp32" if self.quant == "fp32" else "int8"
-        return QuantPolicy(linear=scheme(self.quant),
-                           embed=scheme(auto if self.embed_quant == "auto" else self.embed_quant),
-                           lm_head=scheme(auto if self.lm_head_quant == "auto" else self.lm_head_quant))
+        embed = ("fp32" if self.quant == "fp32" else "int8") if self.embed_quant == "auto" else self.embed_quant
+        head = self.quant if self.lm_head_quant == "auto" else self.lm_head_quant
+        return QuantPolicy(linear=scheme(self.quant), embed=scheme(embed), lm_head=scheme(head))
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,10 @@ def _rms(g: Graph, x: str, w: str, eps: float, name: str) -> str:
 
 def _skip_rms(g: Graph, x: str, residual: str, w: str, eps: float, name: str) -> tuple[str, str]:
     """(norm(x + residual), x + residual)."""
-    out, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], 4, name=name,
-                            domain=MS, epsilon=eps)
+    out, total = f"{name}/out", f"{name}/sum"
+    # outputs 1 and 2 (mean, inv_std_var) left unnamed: asking for them costs time
+    g.op("SkipSimplifiedLayerNormalization", [x, residual, w], name=name, outputs=[out, "", "", total],
+         domain=MS, epsilon=eps)
     return out, total
 
 

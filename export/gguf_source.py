@@ -99,7 +99,11 @@ class GGUFFile:
             raise EdgeError(f"tensor {name!r} is not in {self.path}")
         t = self.tensors[name]
         shape = [int(x) for x in reversed(t.shape.tolist())]    # GGUF lists dims innermost first
-        a = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        raw = t.data.reshape(shape[0], -1) if len(shape) > 1 else t.data.reshape(1, -1)   # [rows, row bytes]
+        a = np.empty((raw.shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]), np.float32)
+        for r in range(0, raw.shape[0], 4096):    # row chunks keep dequantization temporaries small
+            a[r:r + 4096] = dequantize(raw[r:r + 4096], t.tensor_type).reshape(len(raw[r:r + 4096]), -1)
+        a = a.reshape(shape)
         return self._fixup(name, a) if self._fixup else a
 
     def generation_config(self) -> dict:

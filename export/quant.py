@@ -52,51 +52,61 @@ def _levels(bits: int) -> tuple[int, int]:
     return (1 << bits) - 1, 1 << (bits - 1)   # (max code, implied symmetric zero point)
 
 
-def quantize(w: np.ndarray, scheme: QuantScheme) -> Quantized:
-    """Quantize W [N, K] blockwise along K; returns the packed tensors and the error made."""
-    w = np.asarray(w, dtype=np.float32)
+def _quantize_rows(w: np.ndarray, scheme: QuantScheme):
+    """Codes [n, n_blocks, bs], scales [n, n_blocks], zero points [n, n_blocks], squared error, max error."""
     n, k = w.shape
     bs = scheme.block_size
     nb = -(-k // bs)
     wp = np.zeros((n, nb * bs), np.float32)
     wp[:, :k] = w
-    blocks = wp.reshape(n, nb, bs)                                   # [N, n_blocks, bs]
+    blocks = wp.reshape(n, nb, bs)                                   # [n, n_blocks, bs]
     qmax, zsym = _levels(scheme.bits)
     if scheme.symmetric:
         # the signed value of largest magnitude maps to the most negative code (as llama.cpp's
         # Q4_0 does): all 2^bits levels are used, not 2^bits - 1
         idx = np.abs(blocks).argmax(-1)[..., None]
-        peak = np.take_along_axis(blocks, idx, -1)[..., 0]           # [N, n_blocks]
+        peak = np.take_along_axis(blocks, idx, -1)[..., 0]           # [n, n_blocks]
         scales = (peak / -zsym).astype(np.float32)
         zp = np.full_like(scales, zsym)
     else:
         lo = np.minimum(blocks.min(-1), 0.0)
         hi = np.maximum(blocks.max(-1), 0.0)
         scales = ((hi - lo) / qmax).astype(np.float32)
-        safe = np.where(scales == 0, 1.0, scales)
-        zp = np.clip(np.round(-lo / safe), 0, qmax)
+        zp = np.clip(np.round(-lo / np.where(scales == 0, 1.0, scales)), 0, qmax)
     safe = np.where(scales == 0, 1.0, scales)[..., None]
-    q = np.clip(np.round(blocks / safe) + zp[..., None], 0, qmax).astype(np.uint8)   # [N, n_blocks, bs]
+    q = np.clip(np.round(blocks / safe) + zp[..., None], 0, qmax).astype(np.uint8)   # [n, n_blocks, bs]
+    err = ((q.astype(np.float32) - zp[..., None]) * scales[..., None] - blocks).reshape(n, nb * bs)[:, :k]
+    return q, scales, zp, float(np.square(err, dtype=np.float64).sum()), float(np.abs(err).max())
 
-    deq = ((q.astype(np.float32) - zp[..., None]) * scales[..., None]).reshape(n, nb * bs)[:, :k]
-    err = deq - w
-    peak_abs = float(np.abs(w).max()) or 1.0
-    norm = float(np.linalg.norm(w)) or 1.0
-    max_rel = float(np.abs(err).max()) / peak_abs
-    rms_rel = float(np.linalg.norm(err)) / norm
 
-    if scheme.bits == 4:
-        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)   # [N, n_blocks, bs/2]
-        zpq = None
-        if not scheme.symmetric:
-            z = zp.astype(np.uint8)
-            if nb % 2:
-                z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+def quantize(w: np.ndarray, scheme: QuantScheme, *, rows_per_chunk: int = 2048) -> Quantized:
+    """Quantize W [N, K] blockwise along K; returns the packed tensors and the error made.
+    Works through `rows_per_chunk` rows at a time so temporaries stay small."""
+    n, k = w.shape
+    bs, bits = scheme.block_size, scheme.bits
+    nb = -(-k // bs)
+    packed = np.empty((n, nb, bs * bits // 8), np.uint8)
+    scales = np.empty((n, nb), np.float32)
+    zps = np.empty((n, nb), np.uint8)
+    sq_err = sq_w = 0.0
+    max_err = peak = 0.0
+    for r in range(0, n, rows_per_chunk):
+        chunk = np.asarray(w[r:r + rows_per_chunk], dtype=np.float32)
+        q, sc, zp, e2, emax = _quantize_rows(chunk, scheme)
+        packed[r:r + len(chunk)] = (q[..., 0::2] | (q[..., 1::2] << 4)) if bits == 4 else q
+        scales[r:r + len(chunk)] = sc
+        zps[r:r + len(chunk)] = zp
+        sq_err += e2
+        sq_w += float(np.square(chunk, dtype=np.float64).sum())
+        max_err = max(max_err, emax)
+        peak = max(peak, float(np.abs(chunk).max()))
+    zpq = None
+    if not scheme.symmetric:
+        zpq = zps
+        if bits == 4:
+            z = np.concatenate([zps, np.zeros((n, 1), np.uint8)], axis=1) if nb % 2 else zps
             zpq = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)     # [N, ceil(n_blocks/2)]
-    else:
-        packed = q
-        zpq = None if scheme.symmetric else zp.astype(np.uint8)
-    return Quantized(packed, scales, zpq, scheme, k, max_rel, rms_rel)
+    return Quantized(packed, scales, zpq, scheme, k, max_err / (peak or 1.0), (sq_err / (sq_w or 1.0)) ** 0.5)
 
 
 def dequantize(qt: Quantized) -> np.ndarray:

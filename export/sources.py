@@ -28,7 +28,9 @@ class TokenizerAssets:
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    out = raw.astype(np.uint32)       # the one full-size temporary
+    out <<= 16
+    return out.view(np.float32)
 
 
 class HFFolder:

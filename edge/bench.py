@@ -1,0 +1,76 @@
+"""`edge bench`: load time, time to first token, prompt and decode speed, peak RSS."""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .model import Model, load
+
+# Deterministic prompt material: the bench cuts exactly N tokens out of it.
+_TEXT = ("The robot arm paused above the conveyor, its camera tracking a box that had slipped half off the belt. "
+         "Engineers had trained the controller for months, yet every new warehouse brought surprises: glossy "
+         "tape that confused the depth sensor, pallets stacked at odd angles, a forklift parked where no map "
+         "said it should be. def plan_grasp(points, gripper):\n    best = None\n    for p in points:\n"
+         "        score = gripper.reach(p) - 0.1 * p.height\n        if best is None or score > best[0]:\n"
+         "            best = (score, p)\n    return best\n")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    bundle: str
+    quant: str
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    load_s: float
+    ttft_s: float            # median: prompt in -> first token out
+    prompt_tok_s: float      # median
+    decode_tok_s: float      # median
+    peak_rss_mb: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_ids(model: Model, n: int) -> list[int]:
+    ids = model.text.encode(_TEXT)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def run_once(model: Model, ids: list[int], gen: int) -> tuple[float, float]:
+    """(seconds to first token, seconds for the gen-1 one-token steps after it); greedy, EOS ignored."""
+    d = model.decoder
+    d.reset()
+    t0 = time.perf_counter()
+    token = int(np.argmax(d.forward(ids)[-1]))
+    t1 = time.perf_counter()
+    for _ in range(gen - 1):
+        token = int(np.argmax(d.forward([token])))
+    t2 = time.perf_counter()
+    d.reset()
+    return t1 - t0, t2 - t1
+
+
+def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 128,
+          repeat: int = 3) -> BenchResult:
+    t0 = time.perf_counter()
+    model = load(path, threads=threads, context_length=prompt_tokens + gen_tokens)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(model, prompt_tokens)
+    run_once(model, ids, min(gen_tokens, 8))           # warm-up
+    runs = [run_once(model, ids, gen_tokens) for _ in range(repeat)]
+    ttft = statistics.median(r[0] for r in runs)
+    dec = statistics.median(r[1] for r in runs)
+    return BenchResult(bundle=str(path), quant=model.manifest.quant, threads=model.threads, prompt_tokens=prompt_tokens,
+                       gen_tokens=gen_tokens, load_s=load_s, ttft_s=ttft, prompt_tok_s=prompt_tokens / ttft,
+                       decode_tok_s=(gen_tokens - 1) / dec if gen_tokens > 1 else 0.0, peak_rss_mb=peak_rss_mb())

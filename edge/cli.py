@@ -1,0 +1,223 @@
+"""The `edge` command: export, run, chat, bench, inspect."""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import List, Optional
+
+import typer
+
+from .errors import EdgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run open-weight LLMs on constrained devices.")
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+    _state["debug"] = debug
+
+
+def _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop) -> dict:
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop) if stop else None)
+
+
+_MAX = typer.Option(256, "--max-new-tokens", "-n", help="Tokens to generate at most.")
+_TEMP = typer.Option(None, help="0 = greedy (default: the model's generation config).")
+_TOPK = typer.Option(None, "--top-k")
+_TOPP = typer.Option(None, "--top-p")
+_MINP = typer.Option(None, "--min-p")
+_REP = typer.Option(None, "--repetition-penalty")
+_SEED = typer.Option(None, help="Seed for sampling.")
+_STOP = typer.Option(None, "--stop", help="Stop string (repeatable).")
+_THREADS = typer.Option(None, help="CPU threads (default: all available cores).")
+_CTX = typer.Option(None, "--context", help="Context window in tokens (default: min(model max, 4096)).")
+
+
+@app.command()
+def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf file, or hub id."),
+           out: str = typer.Option(..., "-o", "--out", help="Bundle folder to write."),
+           quant: str = typer.Option("int4", help="fp32 | int8 | int4 for the linear layers."),
+           block_size: int = typer.Option(32, help="Quantization block size: 16, 32, 64, 128, 256."),
+           asymmetric: bool = typer.Option(False, "--asymmetric", help="Use zero points (asymmetric quantization)."),
+           embed_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)."),
+           lm_head_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (same as --quant)."),
+           max_context: int = typer.Option(0, help="Cap the context the bundle supports (0: the model's)."),
+           force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
+    """Export a checkpoint to an edge bundle."""
+    try:
+        from export import ExportOptions, export_model
+    except ImportError as e:
+        raise EdgeError(f"the exporter needs extra packages ({e.name} is missing): pip install 'edge[export]'") from None
+    opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, embed_quant=embed_quant,
+                         lm_head_quant=lm_head_quant, max_context=max_context)
+    r = export_model(src, out, opts, force=force)
+    m = r.manifest
+    quantized = [t for t in m.tensors if t.dtype != "float32"]
+    worst = max(quantized, key=lambda t: t.rms_rel_err, default=None)
+    summary = dict(out=str(r.out), seconds=round(r.seconds, 1), peak_rss_mb=round(r.peak_rss_mb),
+                   bundle_mb=round(r.bundle_mb, 1), parameters=m.model.num_parameters, quant=m.quant,
+                   mean_rms_rel_err=round(sum(t.rms_rel_err for t in quantized) / len(quantized), 5) if quantized else 0.0,
+                   worst_tensor=worst.name if worst else None,
+                   worst_rms_rel_err=round(worst.rms_rel_err, 5) if worst else 0.0)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print(f"wrote {r.out}  ({m.model.architecture}, {m.model.num_parameters / 1e6:.0f}M parameters, {m.quant}, "
+          f"{r.bundle_mb:.1f} MB)")
+    if quantized:
+        print(f"quantization error (relative RMS): mean {summary['mean_rms_rel_err']:.4f}, "
+              f"worst {worst.rms_rel_err:.4f} ({worst.name}); per tensor in manifest.json")
+    print(f"took {r.seconds:.1f} s, peak RSS {r.peak_rss_mb:.0f} MB")
+
+
+@app.command()
+def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optional[float] = _TEMP,
+        top_k: Optional[int] = _TOPK, top_p: Optional[float] = _TOPP, min_p: Optional[float] = _MINP,
+        repetition_penalty: Optional[float] = _REP, seed: Optional[int] = _SEED, stop: Optional[List[str]] = _STOP,
+        threads: Optional[int] = _THREADS, context: Optional[int] = _CTX,
+        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+        stats: bool = typer.Option(False, "--stats", help="Print speed after the text.")):
+    """Generate from a prompt, streaming to the terminal."""
+    from .model import load
+    model = load(bundle, threads=threads, context_length=context)
+    kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+    pieces = model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if chat else model.stream(prompt, **kw)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if stats:
+        s = model.last_stats
+        print(f"[{s.prompt_tokens} prompt tokens at {s.prompt_tok_s:.1f} tok/s, {s.generated_tokens} generated at "
+              f"{s.decode_tok_s:.1f} tok/s, finish: {s.finish_reason}]", file=sys.stderr)
+
+
+@app.command()
+def chat(bundle: str, system: Optional[str] = typer.Option(None, help="System prompt."),
+         max_new_tokens: int = _MAX, temperature: Optional[float] = _TEMP, top_k: Optional[int] = _TOPK,
+         top_p: Optional[float] = _TOPP, min_p: Optional[float] = _MINP, repetition_penalty: Optional[float] = _REP,
+         seed: Optional[int] = _SEED, threads: Optional[int] = _THREADS, context: Optional[int] = _CTX):
+    """Interactive chat. Empty line or Ctrl-D ends; /reset forgets the conversation."""
+    from .model import load
+    model = load(bundle, threads=threads, context_length=context)
+    kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line.strip():
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in model.chat(history, stream=True, **kw):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@app.command()
+def bench(bundle: str, threads: Optional[int] = _THREADS,
+          prompt_tokens: int = typer.Option(128, help="Prompt length."),
+          gen_tokens: int = typer.Option(128, help="Tokens to decode."),
+          repeat: int = typer.Option(3, help="Timed runs (median reported) after one warm-up."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Measure load time, time to first token, prompt and decode speed, peak RSS."""
+    from .bench import bench as run_bench
+    r = run_bench(bundle, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat)
+    if as_json:
+        print(json.dumps(r.as_dict()))
+        return
+    rows = [("bundle", r.bundle), ("quant", r.quant), ("threads", r.threads), ("load", f"{r.load_s:.2f} s"),
+            ("time to first token", f"{r.ttft_s * 1000:.1f} ms ({r.prompt_tokens}-token prompt)"),
+            ("prompt", f"{r.prompt_tok_s:.1f} tok/s"), ("decode", f"{r.decode_tok_s:.1f} tok/s ({r.gen_tokens} tokens)"),
+            ("peak RSS", f"{r.peak_rss_mb:.0f} MB")]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+@app.command()
+def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Check every file's sha256."),
+            tensors: bool = typer.Option(False, "--tensors", help="List every tensor with its quantization error."),
+            as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")):
+    """Summarise a bundle's manifest."""
+    from .bundle import open_bundle
+    b = open_bundle(bundle)
+    m = b.manifest
+    problems = b.verify() if verify else []
+    if as_json:
+        d = json.loads(m.to_json())
+        if verify:
+            d["verify"] = problems or "ok"
+        print(json.dumps(d))
+    else:
+        s = m.model
+        kinds = {}
+        for t in m.tensors:
+            kinds.setdefault(t.dtype, [0, 0])
+            kinds[t.dtype][0] += 1
+            n = 1
+            for d in t.shape:
+                n *= d
+            kinds[t.dtype][1] += n
+        rows = [("format", f"{m.format_version} ({m.producer})"), ("source", f"{m.source.path} ({m.source.format}, {m.source.dtype})"),
+                ("architecture", f"{s.architecture}: {s.num_layers} layers, hidden {s.hidden_size}, heads {s.num_heads}/{s.num_kv_heads} "
+                                 f"(q/kv), head_dim {s.head_dim}, ffn {s.intermediate_size}, vocab {s.vocab_size}"),
+                ("parameters", f"{s.num_parameters / 1e6:.1f}M"), ("context", f"{s.max_context} tokens"),
+                ("quantization", m.quant + "  (" + ", ".join(f"{k}: {v[0]} tensors / {v[1] / 1e6:.1f}M weights" for k, v in kinds.items()) + ")"),
+                ("files", ", ".join(f"{f.path} {f.size / 2**20:.1f} MB" for f in m.files)),
+                ("eos tokens", ", ".join(map(str, m.tokenizer.eos_token_ids))),
+                ("chat template", "yes" if m.tokenizer.chat_template else "no")]
+        if verify:
+            rows.append(("verify", "ok: every sha256 matches" if not problems else "FAILED: " + "; ".join(problems)))
+        w = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{w}}  {v}")
+        if tensors:
+            print(f"\n{'tensor':<28} {'shape':<14} {'dtype':<8} {'block':>5} {'max rel':>9} {'rms rel':>9}")
+            for t in m.tensors:
+                print(f"{t.name:<28} {'x'.join(map(str, t.shape)):<14} {t.dtype:<8} {t.block_size or '':>5} "
+                      f"{t.max_rel_err:>9.5f} {t.rms_rel_err:>9.5f}")
+    if problems:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except EdgeError as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (typer.Exit, SystemExit) as e:
+        return getattr(e, "exit_code", getattr(e, "code", 0)) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything unexpected: one line, the traceback with --debug
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
