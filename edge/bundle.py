@@ -68,12 +68,12 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
         raise BundleError(f"{mpath} is a symlink: refusing to load it")
     manifest = Manifest.from_json(mpath.read_text(encoding="utf-8", errors="replace"))
     bundle = Bundle(root, manifest)
+    paths = [bundle.path(f.path) for f in manifest.files]          # refuses unsafe paths first
     listed = {f.path for f in manifest.files}
-    for needed in (manifest.graph.file, manifest.tokenizer.file):
-        if needed not in listed:
+    for needed in (manifest.graph.file, manifest.tokenizer.file, manifest.tokenizer.chat_template):
+        if needed and needed not in listed:
             raise BundleError(f"manifest does not list {needed!r}: the bundle is corrupt, export it again")
-    for f in manifest.files:
-        p = bundle.path(f.path)
+    for f, p in zip(manifest.files, paths):
         if not p.is_file():
             raise BundleError(f"bundle file {f.path} is missing from {root}: copy the whole bundle folder")
         size = p.stat().st_size

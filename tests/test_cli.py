@@ -1,0 +1,48 @@
+"""The `edge` command line: every subcommand runs; errors are one line unless --debug."""
+import json
+import subprocess
+import sys
+
+
+def edge_cli(*args):
+    return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_run_streams_text(tiny_bundle):
+    r = edge_cli("run", tiny_bundle("llama", "int8"), "hello", "-n", "5", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "generated" in r.stderr
+
+
+def test_inspect_and_verify(tiny_bundle):
+    r = edge_cli("inspect", tiny_bundle("llama", "int4"), "--verify", "--tensors")
+    assert r.returncode == 0 and "every sha256 matches" in r.stdout and "layers.0.qkv" in r.stdout
+    j = json.loads(edge_cli("inspect", tiny_bundle("llama", "int4"), "--json").stdout)
+    assert j["quant"] == "int4" and j["format_version"] == 1
+
+
+def test_bench_json(tiny_bundle):
+    r = edge_cli("bench", tiny_bundle("llama", "int4"), "--prompt-tokens", "8", "--gen-tokens", "8", "--repeat", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["decode_tok_s"] > 0 and j["prompt_tok_s"] > 0 and j["peak_rss_mb"] > 0
+
+
+def test_export_json(tiny_checkpoint, tmp_path):
+    r = edge_cli("export", tiny_checkpoint("qwen2"), "-o", tmp_path / "b", "--quant", "int8", "--json")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["quant"] == "int8" and 0 < j["mean_rms_rel_err"] < 0.02 and j["peak_rss_mb"] > 0
+
+
+def test_errors_are_one_line(tmp_path):
+    r = edge_cli("run", tmp_path / "missing", "hi")
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = edge_cli("--debug", "run", tmp_path / "missing", "hi")
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_bad_option_values(tiny_bundle):
+    r = edge_cli("run", tiny_bundle("llama"), "hi", "--temperature", "-2")
+    assert r.returncode == 1 and "temperature" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,58 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.quant import QuantScheme, dequantize, quantize
+
+
+def _matmulnbits(x, q, n, k):
+    ins = ["x", "B", "S"] + (["Z"] if q.zero_points is not None else [])
+    inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales, "S")]
+    if q.zero_points is not None:
+        inits.append(numpy_helper.from_array(q.zero_points, "Z"))
+    node = helper.make_node("MatMulNBits", ins, ["y"], domain="com.microsoft", K=k, N=n, bits=q.scheme.bits,
+                            block_size=q.scheme.block_size, accuracy_level=0)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k,block", [(64, 32), (200, 32), (96, 64), (256, 128)])
+def test_packing_matches_onnxruntime(bits, symmetric, k, block):
+    """Our dequantize() is what onnxruntime computes with, including K not a multiple of the block."""
+    rng = np.random.default_rng(k + bits)
+    w = rng.standard_normal((48, k)).astype(np.float32)
+    q = quantize(w, QuantScheme(bits, block, symmetric), rows_per_chunk=7)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(_matmulnbits(x, q, 48, k), x @ dequantize(q).T, rtol=1e-4, atol=1e-4)
+
+
+def test_reported_error_is_the_real_error():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    for bits, bound in ((4, 0.12), (8, 0.008)):
+        q = quantize(w, QuantScheme(bits, 32))
+        real = np.linalg.norm(dequantize(q) - w) / np.linalg.norm(w)
+        assert q.rms_rel_err == pytest.approx(real, rel=1e-5)
+        assert q.rms_rel_err < bound
+        assert 0 < q.max_rel_err < 1
+
+
+def test_zero_blocks_and_outliers():
+    w = np.zeros((4, 64), np.float32)
+    w[1, 3] = 1000.0
+    q = quantize(w, QuantScheme(4, 32))
+    np.testing.assert_array_equal(dequantize(q)[[0, 2, 3]], 0)
+    assert dequantize(q)[1, 3] == pytest.approx(1000.0)
+
+
+def test_bad_schemes_are_rejected():
+    with pytest.raises(ValueError):
+        QuantScheme(3, 32)
+    with pytest.raises(ValueError):
+        QuantScheme(4, 48)
