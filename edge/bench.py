@@ -20,7 +20,10 @@ _TEXT = ("The robot arm paused above the conveyor, its camera tracking a box tha
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS: VmHWM where Linux has it (ru_maxrss carries a parent's peak across fork+exec)."""
+    from .memory import status
+    hwm = status().get("VmHWM")
+    return hwm / 2**20 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from .bundle import Bundle
 from .errors import ConfigError, ContextError
+from .memory import release_file_pages
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -44,6 +45,9 @@ class Decoder:
         self.vocab_size = bundle.manifest.model.vocab_size
         self.session = ort.InferenceSession(str(bundle.path(g.file)), session_options(threads),
                                             providers=["CPUExecutionProvider"])
+        for f in bundle.manifest.files:     # pages read while prepacking weights are never read again
+            if f.path.endswith(".data"):
+                release_file_pages(bundle.path(f.path))
         shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
         self.kv = [np.zeros(shape, np.float32) for _ in range(2 * len(g.past_keys))]
         self.io = self.session.io_binding()
