@@ -21,7 +21,7 @@ from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, GenerationDe
 
 from .arch import describe
 from .decoder import QuantPolicy, build_decoder
-from .onnx_graph import Graph
+from .onnx_graph import DataFile, Graph
 from .quant import QuantScheme
 from .sources import open_source
 
@@ -90,11 +90,13 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        g = Graph(tmp / "model.onnx.data")
+        data = DataFile(tmp / "model.onnx.data")
+        g = Graph(data)
         bar = _progress(arch.spec.num_layers, progress)
         graph, tensors, n_params = build_decoder(g, arch, source.get, policy, max_context=max_ctx,
                                                  progress=lambda s: bar.update(1))
         bar.close()
+        data.close()
         g.save(tmp / "model.onnx")
         (tmp / "tokenizer.json").write_text(assets.tokenizer_json)
         files = ["model.onnx", "model.onnx.data", "tokenizer.json"]

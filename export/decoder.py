@@ -107,81 +107,113 @@ def _skip_rms(g: Graph, x: str, residual: str, w: str, eps: float, name: str) ->
     return out, total
 
 
-def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray], policy: QuantPolicy, *,
-                  max_context: int, progress: Callable[[str], None] = lambda s: None
-                  ) -> tuple[GraphSpec, list[TensorEntry], int]:
-    """Emit the whole decoder into `g`; returns the graph spec, tensor entries, parameter count."""
-    s: ModelSpec = arch.spec
-    em = _Emitter(g)
-    H, D, KV, NH = s.hidden_size, s.head_dim, s.num_kv_heads, s.num_heads
-    ids = g.input("input_ids", TensorProto.INT64, [1, "S"])
+@dataclass(frozen=True)
+class StepInputs:
+    """Graph inputs every layer of one forward step reads."""
+    seqlens_k: str
+    total: str
+    cos: str
+    sin: str
+
+
+def step_inputs(g: Graph, arch: DecoderArch, max_context: int) -> StepInputs:
     seqlens_k = g.input("seqlens_k", TensorProto.INT32, [1])
     total = g.input("total_sequence_length", TensorProto.INT32, [])
+    cos, sin = tables(arch.spec.head_dim, arch.spec.rope_theta, arch.rope_scaling, max_context)
+    return StepInputs(seqlens_k, total, g.weight("rope.cos", cos), g.weight("rope.sin", sin))
+
+
+def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarray], i: int, h: str,
+              residual: str | None, step: StepInputs, scheme: QuantScheme | None) -> tuple[str, str, tuple[str, ...]]:
+    """Layer i up to its MLP: input norm -> attention (KV in place) -> post-attention norm.
+    Returns (x for the MLP, the residual stream, (past_key, past_value, present_key, present_value))."""
+    s = arch.spec
+    H, D, KV, NH = s.hidden_size, s.head_dim, s.num_kv_heads, s.num_heads
+    n = arch.layer_names(i)
+    p = f"layers.{i}."
+    w = lambda role: get(n[role])
+    b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
+    if residual is None:
+        x, residual = _rms(g, h, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm"), h
+    else:
+        x, residual = _skip_rms(g, h, residual, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm")
+    # fused q|k|v rows [(NH + 2 KV) * D, H]
+    wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
+    bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
+    qkv = em.linear(x, wqkv, p + "qkv", scheme, bqkv)
+    del wqkv
+    if s.qk_norm:
+        q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
+                       3, name=p + "qkv_split", axis=-1)
+        q = _head_rms(g, em, q, w("q_norm"), NH, D, s.norm_eps, p + "q_norm")
+        k = _head_rms(g, em, k, w("k_norm"), KV, D, s.norm_eps, p + "k_norm")
+        attn_in = [q, k, v]
+    else:
+        attn_in = [qkv, "", ""]
+    kv = (f"past_key.{i}", f"past_value.{i}", f"present_key.{i}", f"present_value.{i}")
+    for nm in kv[:2]:
+        g.input(nm, TensorProto.FLOAT, [1, KV, "max_context", D])
+    for nm in kv[2:]:
+        g.output(nm, TensorProto.FLOAT, [1, KV, "max_context", D])
+    attrs = dict(num_heads=NH, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=float(D) ** -0.5)
+    if s.sliding_window:
+        attrs["local_window_size"] = s.sliding_window
+    attn = g.op("GroupQueryAttention", attn_in + [kv[0], kv[1], step.seqlens_k, step.total, step.cos, step.sin], 3,
+                name=p + "attn", outputs=[g.fresh(p + "attn/out"), kv[2], kv[3]], domain=MS, **attrs)[0]
+    o = em.linear(attn, w("o"), p + "o", scheme, b("o"))
+    x, residual = _skip_rms(g, o, residual, em.plain(p + "post_norm", w("post_norm")), s.norm_eps, p + "post_norm")
+    return x, residual, kv
+
+
+def swiglu_mlp(g: Graph, em: _Emitter, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, prefix: str,
+               scheme: QuantScheme | None, biases=(None, None, None), *, out: str | None = None) -> str:
+    """down(silu(gate(x)) * up(x)); gate|up fused into one matmul of 2F rows."""
+    bgu = np.concatenate([biases[0], biases[1]]) if biases[0] is not None else None
+    gu = em.linear(x, np.concatenate([gate, up], axis=0), prefix + "gate_up", scheme, bgu)
+    g_, u_ = g.op("Split", [gu], 2, name=prefix + "gate_up_split", axis=-1, num_outputs=2)
+    act = g.op1("QuickGelu", [g_], name=prefix + "silu", domain=MS, alpha=1.0)     # x * sigmoid(x)
+    return em.linear(g.op1("Mul", [act, u_], name=prefix + "swiglu"), down, prefix + "down", scheme, biases[2], out=out)
+
+
+def lm_head(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarray], h: str, residual: str,
+            scheme: QuantScheme | None) -> tuple[str, np.ndarray]:
+    """final norm -> Gather(logits_positions) -> lm_head: declares logits_positions and logits."""
+    s = arch.spec
     positions = g.input("logits_positions", TensorProto.INT64, ["P"])
-    cos, sin = tables(D, s.rope_theta, arch.rope_scaling, max_context)
-    cos_name, sin_name = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
-
-    h = em.embedding(ids, get(arch.top["embed"]), "embed", policy.embed)
-    residual = None
-    names = dict(past_keys=[], past_values=[], present_keys=[], present_values=[])
-    for i in range(s.num_layers):
-        progress(f"layer {i + 1}/{s.num_layers}")
-        n = arch.layer_names(i)
-        p = f"layers.{i}."
-        w = lambda role: get(n[role])
-        b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
-        if residual is None:
-            x, residual = _rms(g, h, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm"), h
-        else:
-            x, residual = _skip_rms(g, h, residual, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm")
-
-        # attention: fused q|k|v rows [(NH + 2 KV) * D, H]
-        wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
-        bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
-        qkv = em.linear(x, wqkv, p + "qkv", policy.linear, bqkv)
-        del wqkv
-        if s.qk_norm:
-            q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
-                           3, name=p + "qkv_split", axis=-1)
-            q = _head_rms(g, em, q, w("q_norm"), NH, D, s.norm_eps, p + "q_norm")
-            k = _head_rms(g, em, k, w("k_norm"), KV, D, s.norm_eps, p + "k_norm")
-            attn_in = [q, k, v]
-        else:
-            attn_in = [qkv, "", ""]
-        pk, pv, ok, ov = f"past_key.{i}", f"past_value.{i}", f"present_key.{i}", f"present_value.{i}"
-        for nm in (pk, pv):
-            g.input(nm, TensorProto.FLOAT, [1, KV, "max_context", D])
-        for nm in (ok, ov):
-            g.output(nm, TensorProto.FLOAT, [1, KV, "max_context", D])
-        attrs = dict(num_heads=NH, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=float(D) ** -0.5)
-        if s.sliding_window:
-            attrs["local_window_size"] = s.sliding_window
-        attn = g.op("GroupQueryAttention", attn_in + [pk, pv, seqlens_k, total, cos_name, sin_name], 3,
-                    name=p + "attn", outputs=[g.fresh(p + "attn/out"), ok, ov], domain=MS, **attrs)[0]
-        for key, nm in (("past_keys", pk), ("past_values", pv), ("present_keys", ok), ("present_values", ov)):
-            names[key].append(nm)
-        o = em.linear(attn, w("o"), p + "o", policy.linear, b("o"))
-
-        x, residual = _skip_rms(g, o, residual, em.plain(p + "post_norm", w("post_norm")), s.norm_eps, p + "post_norm")
-        # MLP: fused gate|up rows [2F, H]
-        wgu = np.concatenate([w("gate"), w("up")], axis=0)
-        bgu = np.concatenate([b("gate"), b("up")]) if "gate_bias" in n else None
-        gu = em.linear(x, wgu, p + "gate_up", policy.linear, bgu)
-        del wgu
-        gate, up = g.op("Split", [gu], 2, name=p + "gate_up_split", axis=-1, num_outputs=2)
-        act = g.op1("QuickGelu", [gate], name=p + "silu", domain=MS, alpha=1.0)     # x * sigmoid(x)
-        h = em.linear(g.op1("Mul", [act, up], name=p + "swiglu"), w("down"), p + "down", policy.linear, b("down"))
-
     x, _ = _skip_rms(g, h, residual, em.plain("final_norm", get(arch.top["final_norm"])), s.norm_eps, "final_norm")
     x = g.op1("Gather", [x, positions], name="logits_positions", axis=1)              # [1, P, H]
     head = get(arch.top.get("lm_head", arch.top["embed"]))
-    logits = em.linear(x, head, "lm_head", policy.lm_head, out="logits")
+    em.linear(x, head, "lm_head", scheme, out="logits")
     if s.tie_word_embeddings:
         em.num_parameters -= head.size          # one tensor, counted once
     g.output("logits", TensorProto.FLOAT, [1, "P", s.vocab_size])
-    spec = GraphSpec(file="model.onnx", input_ids=ids, seqlens_k=seqlens_k, total_sequence_length=total,
-                     logits_positions=positions, logits="logits", kv_num_heads=KV, kv_head_dim=D,
-                     kv_dtype="float32", **{k: tuple(v) for k, v in names.items()})
+    return positions, head
+
+
+def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray], policy: QuantPolicy, *,
+                  max_context: int, progress: Callable[[str], None] = lambda s: None
+                  ) -> tuple[GraphSpec, list[TensorEntry], int]:
+    """Emit the whole dense decoder into `g`; returns the graph spec, tensor entries, parameter count."""
+    s: ModelSpec = arch.spec
+    em = _Emitter(g)
+    ids = g.input("input_ids", TensorProto.INT64, [1, "S"])
+    step = step_inputs(g, arch, max_context)
+    h = em.embedding(ids, get(arch.top["embed"]), "embed", policy.embed)
+    residual = None
+    kvs = []
+    for i in range(s.num_layers):
+        progress(f"layer {i + 1}/{s.num_layers}")
+        n = arch.layer_names(i)
+        x, residual, kv = attention(g, em, arch, get, i, h, residual, step, policy.linear)
+        kvs.append(kv)
+        b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
+        h = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.", policy.linear,
+                       (b("gate"), b("up"), b("down")))
+    positions, _ = lm_head(g, em, arch, get, h, residual, policy.lm_head)
+    spec = GraphSpec(file="model.onnx", input_ids=ids, seqlens_k=step.seqlens_k, total_sequence_length=step.total,
+                     logits_positions=positions, logits="logits", kv_num_heads=s.num_kv_heads, kv_head_dim=s.head_dim,
+                     kv_dtype="float32", past_keys=tuple(k[0] for k in kvs), past_values=tuple(k[1] for k in kvs),
+                     present_keys=tuple(k[2] for k in kvs), present_values=tuple(k[3] for k in kvs))
     return spec, em.entries, em.num_parameters
 
 

@@ -18,16 +18,35 @@ _DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint8): TensorPr
            np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32}
 
 
+class DataFile:
+    """An external-data file that several graphs can share; tensors are 4 KiB aligned."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "wb")
+        self.bytes_written = 0
+
+    def write(self, raw: bytes) -> int:
+        """Append `raw` at the next aligned offset; returns that offset."""
+        self._f.write(b"\0" * (-self._f.tell() % ALIGN))
+        offset = self._f.tell()
+        self._f.write(raw)
+        self.bytes_written += len(raw)
+        return offset
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
 class Graph:
-    def __init__(self, data_path: Path):
-        self.data_path = Path(data_path)
-        self._data = open(self.data_path, "wb")
+    def __init__(self, data: DataFile):
+        self.data = data
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: dict[str, int] = {}
-        self.bytes_written = 0
 
     def fresh(self, base: str) -> str:
         n = self._names.get(base, 0)
@@ -42,16 +61,7 @@ class Graph:
         if a.nbytes < 1024:
             t = onnx.numpy_helper.from_array(a, name)
         else:
-            pad = -self._data.tell() % ALIGN
-            self._data.write(b"\0" * pad)
-            offset = self._data.tell()
-            self._data.write(a.tobytes())
-            self.bytes_written += a.nbytes
-            t = TensorProto(name=name, data_type=_DTYPES[a.dtype], dims=a.shape,
-                            data_location=TensorProto.EXTERNAL)
-            for k, v in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(a.nbytes))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
+            t = external_tensor(name, a.dtype, a.shape, self.data.path.name, self.data.write(a.tobytes()))
         self.initializers.append(t)
         return name
 
@@ -75,9 +85,19 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
-    def save(self, path: Path) -> None:
-        self._data.close()
-        g = helper.make_graph(self.nodes, "edge_decoder", self.inputs, self.outputs, self.initializers)
+    def save(self, path: Path, name: str = "edge_decoder") -> None:
+        g = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
         m = helper.make_model(g, opset_imports=OPSETS, producer_name="edge")
         m.ir_version = 10
         onnx.save_model(m, str(path))
+
+
+def external_tensor(name: str, dtype, shape, location: str, offset: int) -> onnx.TensorProto:
+    """An initializer whose bytes live at `offset` in the file `location` next to the model."""
+    dtype = np.dtype(dtype)
+    t = TensorProto(name=name, data_type=_DTYPES[dtype], dims=list(shape), data_location=TensorProto.EXTERNAL)
+    length = int(np.prod(shape)) * dtype.itemsize
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
