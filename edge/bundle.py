@@ -70,7 +70,10 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
     bundle = Bundle(root, manifest)
     paths = [bundle.path(f.path) for f in manifest.files]          # refuses unsafe paths first
     listed = {f.path for f in manifest.files}
-    for needed in (manifest.graph.file, manifest.tokenizer.file, manifest.tokenizer.chat_template):
+    needed_files = [manifest.graph.file, manifest.tokenizer.file, manifest.tokenizer.chat_template]
+    if manifest.moe is not None:
+        needed_files += [st.file for st in manifest.moe.stages] + [manifest.moe.expert_graph, manifest.moe.expert_file]
+    for needed in needed_files:
         if needed and needed not in listed:
             raise BundleError(f"manifest does not list {needed!r}: the bundle is corrupt, export it again")
     for f, p in zip(manifest.files, paths):

@@ -8,6 +8,7 @@ buffers lazily, so RSS grows with the tokens actually used, not with the context
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -17,10 +18,25 @@ from .errors import ConfigError, ContextError
 from .memory import release_file_pages
 
 
+_POOL = {"threads": None}
+_POOL_LOCK = threading.Lock()
+
+
+def use_global_pool(threads: int) -> int:
+    """Create onnxruntime's process-wide thread pool on first use; returns its size. Every session
+    of the process runs on it (MoE models create hundreds of small sessions: per-session pools
+    would cost memory and wake-up latency), so the first model loaded fixes the thread count."""
+    with _POOL_LOCK:
+        if _POOL["threads"] is None:
+            ort.set_global_thread_pool_sizes(threads, 1)
+            _POOL["threads"] = threads
+        return _POOL["threads"]
+
+
 def session_options(threads: int) -> ort.SessionOptions:
+    use_global_pool(threads)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    so.use_per_session_threads = False
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3

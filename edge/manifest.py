@@ -40,6 +40,9 @@ class ModelSpec:
     qk_norm: bool
     sliding_window: int          # 0: full attention
     num_parameters: int
+    num_experts: int = 0         # Mixture-of-Experts: experts per sparse layer (0: dense)
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,55 @@ class GraphSpec:
     kv_num_heads: int
     kv_head_dim: int
     kv_dtype: str                # "float32"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One graph of a Mixture-of-Experts pipeline, with its inputs and outputs by role.
+
+    input roles: input_ids, hidden, residual, seqlens_k, total_sequence_length, logits_positions,
+                 past_key, past_value
+    output roles: moe_in (the MLP's input), residual, router_logits, present_key, present_value, logits
+    """
+    file: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One tensor inside every expert's blob (the expert graph's initializer of that name)."""
+    name: str
+    dtype: str                   # "uint8", "float32"
+    shape: tuple[int, ...]
+    offset: int                  # bytes from the start of the blob
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    layer: int
+    expert: int
+    offset: int                  # in the expert file, 4 KiB aligned: one expert is one read
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Layers run as stages; between a layer's stage and the next, the runtime routes each token
+    (softmax over router_logits, top_k, optional renormalisation) and runs the chosen experts,
+    each an instance of `expert_graph` with its weights read from `expert_file`."""
+    stages: tuple[StageSpec, ...]          # one per layer, then the head
+    expert_graph: str
+    expert_input: str
+    expert_output: str
+    expert_file: str
+    expert_tensors: tuple[ExpertTensor, ...]
+    experts: tuple[ExpertEntry, ...]
+    num_experts: int
+    top_k: int
+    normalize_topk: bool
+    routing: str = "softmax_topk"
 
 
 @dataclass(frozen=True)
@@ -117,12 +169,13 @@ class Manifest:
     producer: str
     quant: str                   # the export's headline scheme: "fp32", "int8", "int4"
     model: ModelSpec
-    graph: GraphSpec
+    graph: GraphSpec             # dense: the whole decoder; MoE: its KV-cache fields (file = first stage)
     tokenizer: TokenizerSpec
     generation: GenerationDefaults
     source: SourceInfo
     tensors: tuple[TensorEntry, ...] = field(default_factory=tuple)
     files: tuple[FileEntry, ...] = field(default_factory=tuple)
+    moe: MoESpec | None = None
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=1)

@@ -42,3 +42,15 @@ def release_file_pages(path: str | os.PathLike) -> int:
                 if libc.madvise(start, end - start, _MADV_DONTNEED) == 0:   # clean file pages: safe to drop
                     n += 1
     return n
+
+
+def release_range(array, offset: int, size: int) -> bool:
+    """madvise(MADV_DONTNEED) the pages of a memory-mapped numpy array's byte range [offset, offset+size)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = array.ctypes.data + offset
+    aligned = start - start % page
+    return libc.madvise(aligned, size + (start - aligned), _MADV_DONTNEED) == 0

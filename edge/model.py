@@ -41,13 +41,18 @@ class GenerationStats:
 
 
 class Model:
-    def __init__(self, bundle: Bundle, *, threads: int, context_length: int):
+    def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
         self.text = Text(m.tokenizer, bundle.path(m.tokenizer.file),
                          bundle.path(m.tokenizer.chat_template) if m.tokenizer.chat_template else None)
-        self.decoder = Decoder(bundle, threads=threads, context_length=context_length)
+        if m.moe is not None:
+            from .moe import MoEDecoder
+            self.decoder = MoEDecoder(bundle, threads=threads, context_length=context_length,
+                                      expert_capacity=expert_capacity)
+        else:
+            self.decoder = Decoder(bundle, threads=threads, context_length=context_length)
         self.threads = threads
         self.eos = frozenset(m.tokenizer.eos_token_ids)
         self.last_stats = GenerationStats()
@@ -169,15 +174,21 @@ class Model:
                 self.decoder.reset()
 
 
-def load(path, *, threads: int | None = None, context_length: int | None = None) -> Model:
+def load(path, *, threads: int | None = None, context_length: int | None = None,
+         expert_capacity: int | None = None) -> Model:
     """Open a bundle made by `edge export`.
 
-    threads: CPU threads for onnxruntime (default: the cores this process may use).
+    threads: CPU threads for onnxruntime (default: the cores this process may use). onnxruntime's
+        thread pool is process-wide: the first model loaded in a process sets it for all.
     context_length: tokens the KV cache holds, prompt included (default: min(model max, 4096));
         memory for it is committed only as it fills.
+    expert_capacity: Mixture-of-Experts bundles only: how many experts stay resident at once
+        (default: all of them, loaded as the router first picks them).
     """
     bundle = open_bundle(path)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, not {threads!r}")
     ctx = context_length or min(bundle.manifest.model.max_context, 4096)
-    return Model(bundle, threads=threads or default_threads(), context_length=ctx)
+    if expert_capacity is not None and bundle.manifest.moe is not None and expert_capacity < bundle.manifest.moe.top_k:
+        raise ConfigError(f"expert_capacity must hold at least one token's experts ({bundle.manifest.moe.top_k})")
+    return Model(bundle, threads=threads or default_threads(), context_length=ctx, expert_capacity=expert_capacity)

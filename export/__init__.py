@@ -21,6 +21,7 @@ from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, GenerationDe
 
 from .arch import describe
 from .decoder import QuantPolicy, build_decoder
+from .moe import build_moe
 from .onnx_graph import DataFile, Graph
 from .quant import QuantScheme
 from .sources import open_source
@@ -90,16 +91,22 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        data = DataFile(tmp / "model.onnx.data")
-        g = Graph(data)
         bar = _progress(arch.spec.num_layers, progress)
-        graph, tensors, n_params = build_decoder(g, arch, source.get, policy, max_context=max_ctx,
-                                                 progress=lambda s: bar.update(1))
+        moe = None
+        if arch.moe:
+            graph, moe, tensors, n_params, files = build_moe(tmp, arch, source.get, policy, max_context=max_ctx,
+                                                             progress=lambda s: bar.update(1))
+        else:
+            data = DataFile(tmp / "model.onnx.data")
+            g = Graph(data)
+            graph, tensors, n_params = build_decoder(g, arch, source.get, policy, max_context=max_ctx,
+                                                     progress=lambda s: bar.update(1))
+            data.close()
+            g.save(tmp / "model.onnx")
+            files = ["model.onnx", "model.onnx.data"]
         bar.close()
-        data.close()
-        g.save(tmp / "model.onnx")
         (tmp / "tokenizer.json").write_text(assets.tokenizer_json)
-        files = ["model.onnx", "model.onnx.data", "tokenizer.json"]
+        files.append("tokenizer.json")
         if assets.chat_template:
             (tmp / "chat_template.jinja").write_text(assets.chat_template)
             files.append("chat_template.jinja")
@@ -111,7 +118,7 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
                                     add_bos_token=assets.add_bos_token),
             generation=_generation_defaults(source.generation_config()),
             source=SourceInfo(path=str(src), format=source.format, dtype=source.dtype),
-            tensors=tuple(tensors), files=tuple(_file_entry(tmp, f) for f in files))
+            tensors=tuple(tensors), files=tuple(_file_entry(tmp, f) for f in files), moe=moe)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         _fsync_dir(tmp)
         if out.exists():   # --force: move the old bundle aside only once the new one is complete

@@ -40,8 +40,9 @@ class DataFile:
 
 
 class Graph:
-    def __init__(self, data: DataFile):
+    def __init__(self, data: DataFile, *, inline_below: int = 1024):
         self.data = data
+        self.inline_below = inline_below     # smaller initializers stay inside the .onnx
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -58,11 +59,16 @@ class Graph:
         a = np.ascontiguousarray(array)
         if a.dtype not in _DTYPES:
             raise TypeError(f"{name}: unsupported dtype {a.dtype}")
-        if a.nbytes < 1024:
+        if a.nbytes < self.inline_below:
             t = onnx.numpy_helper.from_array(a, name)
         else:
             t = external_tensor(name, a.dtype, a.shape, self.data.path.name, self.data.write(a.tobytes()))
         self.initializers.append(t)
+        return name
+
+    def shared_weight(self, name: str, dtype, shape, offset: int) -> str:
+        """An initializer whose bytes another graph already wrote to the shared data file."""
+        self.initializers.append(external_tensor(name, dtype, shape, self.data.path.name, offset))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, name: str | None = None,

@@ -17,7 +17,9 @@ def _matmulnbits(x, q, n, k):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    from edge.engine import session_options   # the process-wide thread pool every session must share
+    return ort.InferenceSession(m.SerializeToString(), session_options(2),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize("bits", [4, 8])

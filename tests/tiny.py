@@ -20,6 +20,7 @@ CONFIGS = {
     "mistral-window": dict(model_type="mistral", sliding_window=6),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=32),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
 }
 
 

@@ -13,6 +13,24 @@ LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True)
+class MoEArch:
+    """The sparse MLP of a Mixture-of-Experts model.
+
+    router_name(i): checkpoint name of layer i's router weight [E, H].
+    experts(get, i): yields (e, gate [F, H], up [F, H], down [H, F]) for every expert of layer i.
+    sparse_layers: the layers whose MLP is sparse (the others use the dense names in layer_names).
+    normalize_topk: renormalise the top-k softmax weights to sum to 1.
+    """
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    normalize_topk: bool
+    sparse_layers: tuple[int, ...]
+    router_name: Callable[[int], str]
+    experts: Callable[[Callable[[str], Any], int], Any]
+
+
+@dataclass(frozen=True)
 class DecoderArch:
     """A decoder-only transformer as the exporter builds it.
 
@@ -29,6 +47,7 @@ class DecoderArch:
     top: dict[str, str]
     layer_names: Callable[[int], dict[str, str]]
     gguf_fixup: Callable[[str, Any], Any] | None = field(default=None)
+    moe: MoEArch | None = None
 
 
 def require(cfg: dict, key: str):

@@ -1,0 +1,148 @@
+"""The expert cache: experts the router picks, as prepacked onnxruntime sessions, under a byte
+capacity; misses are read from the expert store (one pread per expert) and built on demand.
+
+A session is made from the bundle's expert graph with this expert's tensors handed over by
+SessionOptions.add_initializer (views into the blob just read), so the runtime needs no ONNX
+tooling. All sessions share onnxruntime's global thread pool: per-session pools would cost
+memory and wake-up latency for hundreds of small sessions.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle
+from .errors import BundleError
+from .memory import release_range
+
+def pooled_options() -> ort.SessionOptions:
+    """Options for sessions on the global thread pool (created by the decoder with its thread count)."""
+    so = ort.SessionOptions()
+    so.use_per_session_threads = False
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0          # time in pread
+    build_s: float = 0.0         # time creating sessions (prepacking)
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+class _Expert:
+    __slots__ = ("session", "keep", "bound")
+
+    def __init__(self, session, keep):
+        self.session = session
+        self.keep = keep          # the blob and its OrtValues: onnxruntime may point into them
+        self.bound = {}           # (x buffer id, y buffer id) -> IOBinding for one-token steps
+
+
+class ExpertCache:
+    def __init__(self, bundle: Bundle, *, capacity: int):
+        moe = bundle.manifest.moe
+        self.moe = moe
+        self.graph_path = str(bundle.path(moe.expert_graph))
+        self.file = bundle.path(moe.expert_file)
+        self.fd = os.open(self.file, os.O_RDONLY)
+        self.map = np.memmap(self.file, dtype=np.uint8, mode="r")
+        self.entries = {(x.layer, x.expert): x for x in moe.experts}
+        self.capacity = capacity                  # experts held at once
+        self.cache: OrderedDict[tuple[int, int], _Expert] = OrderedDict()
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _read(self, key) -> np.ndarray:
+        """The expert's blob as a view of the mapped expert file, its pages read in now."""
+        e = self.entries[key]
+        if e.offset + e.size > self.map.size:
+            raise BundleError(f"expert {key[0]}.{key[1]} lies past the end of {self.file.name} (offset {e.offset}, "
+                              f"{e.size} bytes, file {self.map.size}); the bundle is truncated")
+        t0 = time.perf_counter()
+        blob = self.map[e.offset:e.offset + e.size]
+        os.posix_fadvise(self.fd, e.offset, e.size, os.POSIX_FADV_WILLNEED)
+        int(blob[::4096].sum())                                     # fault every page in: the read
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.bytes_read += e.size
+        return blob
+
+    def _release(self, key) -> None:
+        """Drop the blob's pages from this process and from the page cache: onnxruntime has its own
+        prepacked copy, and the next miss on this expert must really read the disk."""
+        e = self.entries[key]
+        release_range(self.map, e.offset, e.size)
+        os.posix_fadvise(self.fd, e.offset, e.size, os.POSIX_FADV_DONTNEED)
+
+    def _build(self, blob: np.ndarray) -> _Expert:
+        so = pooled_options()
+        keep = [blob, so]
+        for t in self.moe.expert_tensors:
+            nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
+            view = blob[t.offset:t.offset + nbytes].view(t.dtype).reshape(t.shape)
+            value = ort.OrtValue.ortvalue_from_numpy(view)
+            keep.append(value)                                   # must outlive the session
+            so.add_initializer(t.name, value)
+        t0 = time.perf_counter()
+        s = ort.InferenceSession(self.graph_path, so, providers=["CPUExecutionProvider"])
+        self.stats.build_s += time.perf_counter() - t0
+        return _Expert(s, keep)
+
+    def run_bound(self, layer: int, expert: int, x: ort.OrtValue, y: ort.OrtValue, key: tuple) -> None:
+        """One-token step: run the expert reading `x` and writing `y` (bound once per session)."""
+        self.get(layer, expert)
+        item = self.cache[(layer, expert)]
+        io = item.bound.get(key)
+        if io is None:
+            io = item.session.io_binding()
+            io.bind_ortvalue_input(self.moe.expert_input, x)
+            io.bind_ortvalue_output(self.moe.expert_output, y)
+            item.bound[key] = io
+        item.session.run_with_iobinding(io)
+
+    def get(self, layer: int, expert: int):
+        """The session of expert `expert` of `layer`, loading it (and evicting the least recently
+        used) if it is not resident."""
+        key = (layer, expert)
+        with self._lock:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache.move_to_end(key)
+                self.stats.hits += 1
+                return hit.session
+            self.stats.misses += 1
+            while len(self.cache) >= self.capacity:
+                self.cache.popitem(last=False)
+                self.stats.evictions += 1
+            item = self._build(self._read(key))
+            self._release(key)
+            self.cache[key] = item
+            return item.session

@@ -1,0 +1,191 @@
+"""The Mixture-of-Experts decoder: the manifest's stages run in order, and between a layer's stage
+and the next the runtime routes each token and runs the experts it picked (ExpertCache).
+
+Same interface as engine.Decoder: forward(ids, all_logits) -> logits [P, vocab], reset(), room().
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle
+from .errors import ConfigError, ContextError
+from .engine import use_global_pool
+from .experts import ExpertCache, pooled_options
+from .memory import release_file_pages
+
+
+def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax over experts, top-k: (expert ids [T, k], weights [T, k]) for router logits [T, E].
+    Ties go to the lower expert id, as torch.topk does."""
+    z = logits.astype(np.float32)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]                 # [T, k]
+    w = np.take_along_axis(p, ids, -1)
+    if normalize:
+        w = w / w.sum(-1, keepdims=True)
+    return ids, w.astype(np.float32)
+
+
+class _Stage:
+    """One stage session; its KV cache (if any) is bound in place once."""
+
+    def __init__(self, spec, path: str, kv: tuple[np.ndarray, np.ndarray] | None):
+        self.spec = spec
+        self.session = ort.InferenceSession(path, pooled_options(), providers=["CPUExecutionProvider"])
+        self.io = self.session.io_binding()
+        if kv is not None:
+            for role, arr in zip(("key", "value"), kv):
+                v = ort.OrtValue.ortvalue_from_numpy(arr)
+                self.io.bind_ortvalue_input(spec.inputs[f"past_{role}"], v)
+                self.io.bind_ortvalue_output(spec.outputs[f"present_{role}"], v)
+
+    def bind(self, feeds: dict[str, ort.OrtValue], outputs: dict[str, ort.OrtValue]) -> None:
+        """Bind OrtValues by role (they stay bound until rebound)."""
+        for role, v in feeds.items():
+            self.io.bind_ortvalue_input(self.spec.inputs[role], v)
+        for role, v in outputs.items():
+            self.io.bind_ortvalue_output(self.spec.outputs[role], v)
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """feeds / outputs by role; outputs are filled in place."""
+        keep = []
+        for role, arr in feeds.items():
+            v = ort.OrtValue.ortvalue_from_numpy(arr)
+            keep.append(v)
+            self.io.bind_ortvalue_input(self.spec.inputs[role], v)
+        for role, arr in outputs.items():
+            v = ort.OrtValue.ortvalue_from_numpy(arr)
+            keep.append(v)
+            self.io.bind_ortvalue_output(self.spec.outputs[role], v)
+        self.session.run_with_iobinding(self.io)
+
+
+class MoEDecoder:
+    def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None):
+        m = bundle.manifest
+        if context_length < 2 or context_length > m.model.max_context:
+            raise ConfigError(f"context_length must be in [2, {m.model.max_context}] for this model, not {context_length}")
+        self.moe = m.moe
+        self.context_length = context_length
+        self.vocab_size = m.model.vocab_size
+        self.hidden = m.model.hidden_size
+        use_global_pool(threads)
+        g = m.graph
+        shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
+        self.kv = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in g.past_keys]
+        self.stages = [_Stage(st, str(bundle.path(st.file)), self.kv[i] if i < len(self.kv) else None)
+                       for i, st in enumerate(self.moe.stages)]
+        for f in m.files:
+            if f.path.endswith(".data"):
+                release_file_pages(bundle.path(f.path))
+        n_all = len(self.moe.experts)
+        self.experts = ExpertCache(bundle, capacity=expert_capacity or n_all)
+        self._seqlens = np.zeros((1,), np.int32)
+        self._total = np.zeros((), np.int32)
+        self.position = 0
+        self._decode_bound = False
+        # one-token buffers: stage i writes moe_in into x; experts write y0..y(k-1); the weighted sum
+        # goes to hidden, which stage i+1 reads together with the residual stream
+        H, E, K = self.hidden, self.moe.num_experts, self.moe.top_k
+        self._b = {n: np.zeros(shape, np.float32) for n, shape in
+                   (("x", (1, H)), ("hidden", (1, 1, H)), ("residual", (1, 1, H)), ("residual2", (1, 1, H)),
+                    ("logits", (1, 1, E)), ("out", (1, 1, self.vocab_size)))}
+        self._y = [np.zeros((1, H), np.float32) for _ in range(K)]
+        self._ids1 = np.zeros((1, 1), np.int64)
+        self._pos1 = np.zeros((1,), np.int64)
+        ov = ort.OrtValue.ortvalue_from_numpy
+        self._v = {n: ov(a) for n, a in self._b.items()}
+        self._v["x3"] = ov(self._b["x"].reshape(1, 1, H))
+        self._vy = [ov(a) for a in self._y]
+        self._vstep = {"seqlens_k": ov(self._seqlens), "total_sequence_length": ov(self._total)}
+        self._vids, self._vpos = ov(self._ids1), ov(self._pos1)
+
+    def reset(self) -> None:
+        self.position = 0
+
+    def room(self) -> int:
+        return self.context_length - self.position
+
+    def _mix(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Σ_k w_k · expert_k(x) per token; x [T, H], logits [T, E] -> [T, H]."""
+        ids, w = route(logits, self.moe.top_k, self.moe.normalize_topk)
+        out = np.zeros_like(x)
+        io, oo = self.moe.expert_input, self.moe.expert_output
+        if x.shape[0] == 1:                                   # decode: no gathering needed
+            for e, wk in zip(ids[0], w[0]):
+                out += wk * self.experts.get(layer, int(e)).run([oo], {io: x})[0]
+            return out
+        for e in np.unique(ids):
+            tok, slot = np.nonzero(ids == e)
+            y = self.experts.get(layer, int(e)).run([oo], {io: x[tok]})[0]
+            np.add.at(out, tok, w[tok, slot][:, None] * y)
+        return out
+
+    def _bind_decode(self) -> None:
+        """Bind every stage to the one-token buffers (residual ping-pongs between two arrays so a
+        stage never reads and writes the same one)."""
+        v = self._v
+        res = [v["residual"], v["residual2"]]
+        for i, st in enumerate(self.stages[:-1]):
+            feeds = dict(self._vstep, input_ids=self._vids) if i == 0 else \
+                dict(self._vstep, hidden=v["hidden"], residual=res[(i - 1) % 2])
+            st.bind(feeds, {"moe_in": v["x3"], "residual": res[i % 2], "router_logits": v["logits"]})
+        last = len(self.stages) - 2
+        self.stages[-1].bind({"hidden": v["hidden"], "residual": res[last % 2], "logits_positions": self._vpos},
+                             {"logits": v["out"]})
+        self._decode_bound = True
+
+    def _step1(self, token: int) -> np.ndarray:
+        """One-token forward on pre-bound buffers."""
+        if not self._decode_bound:
+            self._bind_decode()
+        self._ids1[0, 0] = token
+        b, K, norm = self._b, self.moe.top_k, self.moe.normalize_topk
+        hidden, x, logits = b["hidden"][0, 0], b["x"], b["logits"][0, 0]
+        for layer, st in enumerate(self.stages[:-1]):
+            st.session.run_with_iobinding(st.io)
+            z = logits - logits.max()
+            p = np.exp(z)
+            top = np.argsort(-p, kind="stable")[:K]
+            w = p[top] / (p[top].sum() if norm else p.sum())
+            for k in range(K):
+                self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)
+            np.multiply(self._y[0][0], w[0], out=hidden)
+            for k in range(1, K):
+                hidden += w[k] * self._y[k][0]
+        st = self.stages[-1]
+        st.session.run_with_iobinding(st.io)
+        return b["out"][0]
+
+    def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                      # [1, S]
+        s = ids.shape[1]
+        if s == 0:
+            raise ConfigError("forward() needs at least one token")
+        if self.position + s > self.context_length:
+            raise ContextError(f"{self.position + s} tokens do not fit the context window of {self.context_length}")
+        total = self.position + s
+        self._seqlens[0] = total - 1
+        self._total[...] = total
+        if s == 1 and not all_logits:
+            out = self._step1(int(ids[0, 0]))
+            self.position = total
+            return out
+        self._decode_bound = False          # the prompt path rebinds the stages
+        step = {"seqlens_k": self._seqlens, "total_sequence_length": self._total}
+        hidden = residual = None
+        H, E = self.hidden, self.moe.num_experts
+        for layer, st in enumerate(self.stages[:-1]):
+            feeds = dict(step, input_ids=ids) if layer == 0 else dict(step, hidden=hidden, residual=residual)
+            moe_in = np.empty((1, s, H), np.float32)
+            residual = np.empty((1, s, H), np.float32)
+            logits = np.empty((1, s, E), np.float32)
+            st.run(feeds, {"moe_in": moe_in, "residual": residual, "router_logits": logits})
+            hidden = self._mix(layer, moe_in[0], logits[0])[None]                 # [1, S, H]
+        positions = np.arange(s, dtype=np.int64) if all_logits else np.array([s - 1], np.int64)
+        out = np.empty((1, positions.size, self.vocab_size), np.float32)
+        self.stages[-1].run({"hidden": hidden, "residual": residual, "logits_positions": positions}, {"logits": out})
+        self.position = total
+        return out[0]

