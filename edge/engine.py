@@ -50,12 +50,26 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_context_length(context_length: int, max_context: int) -> None:
+    if not isinstance(context_length, int) or context_length < 2 or context_length > max_context:
+        raise ConfigError(f"context_length must be in [2, {max_context}] for this model, not {context_length}")
+
+
+def step_ids(ids, position: int, context_length: int) -> tuple[np.ndarray, int]:
+    """The next tokens as [1, S] int64 and the total length after them, or a clear error."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                     # [1, S]
+    if ids.shape[1] == 0:
+        raise ConfigError("forward() needs at least one token")
+    total = position + ids.shape[1]
+    if total > context_length:
+        raise ContextError(f"{total} tokens do not fit the context window of {context_length}")
+    return ids, total
+
+
 class Decoder:
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int):
         g = bundle.manifest.graph
-        if context_length < 2 or context_length > bundle.manifest.model.max_context:
-            raise ConfigError(f"context_length must be in [2, {bundle.manifest.model.max_context}] for this model, "
-                              f"not {context_length}")
+        check_context_length(context_length, bundle.manifest.model.max_context)
         self.spec = g
         self.context_length = context_length
         self.vocab_size = bundle.manifest.model.vocab_size
@@ -102,13 +116,8 @@ class Decoder:
     def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
         """Run `ids` (the next tokens) through the model; logits [P, vocab] for the last
         position, or for every position when `all_logits`."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                     # [1, S]
+        ids, total = step_ids(ids, self.position, self.context_length)
         s = ids.shape[1]
-        if s == 0:
-            raise ConfigError("forward() needs at least one token")
-        if self.position + s > self.context_length:
-            raise ContextError(f"{self.position + s} tokens do not fit the context window of {self.context_length}")
-        total = self.position + s
         self._seqlens[0] = total - 1
         self._total[...] = total
         if s == 1 and not all_logits:

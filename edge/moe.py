@@ -9,8 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle
-from .errors import ConfigError, ContextError
-from .engine import use_global_pool
+from .engine import check_context_length, step_ids, use_global_pool
 from .experts import ExpertCache, pooled_options
 from .memory import release_file_pages
 
@@ -65,8 +64,7 @@ class _Stage:
 class MoEDecoder:
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None):
         m = bundle.manifest
-        if context_length < 2 or context_length > m.model.max_context:
-            raise ConfigError(f"context_length must be in [2, {m.model.max_context}] for this model, not {context_length}")
+        check_context_length(context_length, m.model.max_context)
         self.moe = m.moe
         self.context_length = context_length
         self.vocab_size = m.model.vocab_size
@@ -143,7 +141,7 @@ class MoEDecoder:
             self._bind_decode()
         self._ids1[0, 0] = token
         b, K, norm = self._b, self.moe.top_k, self.moe.normalize_topk
-        hidden, x, logits = b["hidden"][0, 0], b["x"], b["logits"][0, 0]
+        hidden, logits = b["hidden"][0, 0], b["logits"][0, 0]
         for layer, st in enumerate(self.stages[:-1]):
             st.session.run_with_iobinding(st.io)
             z = logits - logits.max()
@@ -160,13 +158,8 @@ class MoEDecoder:
         return b["out"][0]
 
     def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                      # [1, S]
+        ids, total = step_ids(ids, self.position, self.context_length)
         s = ids.shape[1]
-        if s == 0:
-            raise ConfigError("forward() needs at least one token")
-        if self.position + s > self.context_length:
-            raise ContextError(f"{self.position + s} tokens do not fit the context window of {self.context_length}")
-        total = self.position + s
         self._seqlens[0] = total - 1
         self._total[...] = total
         if s == 1 and not all_logits:

@@ -128,7 +128,7 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
     """Layer i up to its MLP: input norm -> attention (KV in place) -> post-attention norm.
     Returns (x for the MLP, the residual stream, (past_key, past_value, present_key, present_value))."""
     s = arch.spec
-    H, D, KV, NH = s.hidden_size, s.head_dim, s.num_kv_heads, s.num_heads
+    D, KV, NH = s.head_dim, s.num_kv_heads, s.num_heads
     n = arch.layer_names(i)
     p = f"layers.{i}."
     w = lambda role: get(n[role])

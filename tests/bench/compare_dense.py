@@ -35,22 +35,12 @@ def _rss_mb() -> float:
 
 
 def worker_edge(path, ids, gen, threads):
-    import numpy as np
     import edge
+    from edge.bench import run_once
     t0 = time.perf_counter()
     m = edge.load(path, threads=threads, context_length=len(ids) + gen)
     load_s = time.perf_counter() - t0
-    d = m.decoder
-
-    def once(n):
-        d.reset()
-        t0 = time.perf_counter()
-        tok = int(np.argmax(d.forward(ids)[-1]))
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            tok = int(np.argmax(d.forward([tok])))
-        return t1 - t0, time.perf_counter() - t1
-    return load_s, once
+    return load_s, lambda n: run_once(m, ids, n)
 
 
 def worker_genai(path, ids, gen, threads):
