@@ -6,9 +6,9 @@
 """
 __version__ = "0.1.0"
 
-from .errors import BundleError, ConfigError, ContextError, EdgeError, UnsupportedError  # noqa: E402
+from .errors import BudgetError, BundleError, ConfigError, ContextError, EdgeError, UnsupportedError  # noqa: E402
 from .model import Model, load  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 
-__all__ = ["load", "Model", "SamplingParams", "EdgeError", "BundleError", "ConfigError", "ContextError",
+__all__ = ["load", "Model", "SamplingParams", "EdgeError", "BudgetError", "BundleError", "ConfigError", "ContextError",
            "UnsupportedError", "__version__"]

@@ -1,6 +1,7 @@
 """`edge bench`: load time, time to first token, prompt and decode speed, peak RSS."""
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
@@ -38,6 +39,7 @@ class BenchResult:
     prompt_tok_s: float      # median
     decode_tok_s: float      # median
     peak_rss_mb: float
+    experts: dict | None = None    # MoE: capacity, total, policy, hit_rate, mb_read_per_token, stall_ms_per_token
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,15 +67,26 @@ def run_once(model: Model, ids: list[int], gen: int) -> tuple[float, float]:
 
 
 def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 128,
-          repeat: int = 3) -> BenchResult:
+          repeat: int = 3, memory_budget=None, expert_policy: str = "lfu") -> BenchResult:
     t0 = time.perf_counter()
-    model = load(path, threads=threads, context_length=prompt_tokens + gen_tokens)
+    model = load(path, threads=threads, context_length=prompt_tokens + gen_tokens, memory_budget=memory_budget,
+                 expert_policy=expert_policy)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(model, prompt_tokens)
     run_once(model, ids, min(gen_tokens, 8))           # warm-up
+    cache = getattr(model.decoder, "experts", None)
+    before = dataclasses.replace(cache.stats) if cache else None
     runs = [run_once(model, ids, gen_tokens) for _ in range(repeat)]
+    experts = None
+    if cache:
+        s, n = cache.stats, repeat * gen_tokens
+        hits, misses = s.hits - before.hits, s.misses - before.misses
+        experts = dict(capacity=cache.capacity, total=len(cache.entries), policy=cache.policy,
+                       hit_rate=hits / max(1, hits + misses), mb_read_per_token=(s.bytes_read - before.bytes_read) / 2**20 / n,
+                       stall_ms_per_token=1e3 * (s.read_s + s.build_s - before.read_s - before.build_s) / n)
     ttft = statistics.median(r[0] for r in runs)
     dec = statistics.median(r[1] for r in runs)
     return BenchResult(bundle=str(path), quant=model.manifest.quant, threads=model.threads, prompt_tokens=prompt_tokens,
                        gen_tokens=gen_tokens, load_s=load_s, ttft_s=ttft, prompt_tok_s=prompt_tokens / ttft,
-                       decode_tok_s=(gen_tokens - 1) / dec if gen_tokens > 1 else 0.0, peak_rss_mb=peak_rss_mb())
+                       decode_tok_s=(gen_tokens - 1) / dec if gen_tokens > 1 else 0.0, peak_rss_mb=peak_rss_mb(),
+                       experts=experts)

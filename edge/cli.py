@@ -35,6 +35,8 @@ _SEED = typer.Option(None, help="Seed for sampling.")
 _STOP = typer.Option(None, "--stop", help="Stop string (repeatable).")
 _THREADS = typer.Option(None, help="CPU threads (default: all available cores).")
 _CTX = typer.Option(None, "--context", help="Context window in tokens (default: min(model max, 4096)).")
+_BUDGET = typer.Option(None, "--memory-budget", help="MoE models: most memory the process may use, e.g. 300MB.")
+_POLICY = typer.Option("lfu", "--expert-policy", help="MoE models: expert cache policy, lfu or lru.")
 
 
 @app.command()
@@ -79,12 +81,14 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
 def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optional[float] = _TEMP,
         top_k: Optional[int] = _TOPK, top_p: Optional[float] = _TOPP, min_p: Optional[float] = _MINP,
         repetition_penalty: Optional[float] = _REP, seed: Optional[int] = _SEED, stop: Optional[List[str]] = _STOP,
-        threads: Optional[int] = _THREADS, context: Optional[int] = _CTX,
+        threads: Optional[int] = _THREADS, context: Optional[int] = _CTX, memory_budget: Optional[str] = _BUDGET,
+        expert_policy: str = _POLICY,
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
         stats: bool = typer.Option(False, "--stats", help="Print speed after the text.")):
     """Generate from a prompt, streaming to the terminal."""
     from .model import load
-    model = load(bundle, threads=threads, context_length=context)
+    model = load(bundle, threads=threads, context_length=context, memory_budget=memory_budget,
+                 expert_policy=expert_policy)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     pieces = model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if chat else model.stream(prompt, **kw)
     for piece in pieces:
@@ -101,10 +105,12 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
 def chat(bundle: str, system: Optional[str] = typer.Option(None, help="System prompt."),
          max_new_tokens: int = _MAX, temperature: Optional[float] = _TEMP, top_k: Optional[int] = _TOPK,
          top_p: Optional[float] = _TOPP, min_p: Optional[float] = _MINP, repetition_penalty: Optional[float] = _REP,
-         seed: Optional[int] = _SEED, threads: Optional[int] = _THREADS, context: Optional[int] = _CTX):
+         seed: Optional[int] = _SEED, threads: Optional[int] = _THREADS, context: Optional[int] = _CTX,
+         memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY):
     """Interactive chat. Empty line or Ctrl-D ends; /reset forgets the conversation."""
     from .model import load
-    model = load(bundle, threads=threads, context_length=context)
+    model = load(bundle, threads=threads, context_length=context, memory_budget=memory_budget,
+                 expert_policy=expert_policy)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     history = [{"role": "system", "content": system}] if system else []
     while True:
@@ -136,10 +142,13 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
           prompt_tokens: int = typer.Option(128, help="Prompt length."),
           gen_tokens: int = typer.Option(128, help="Tokens to decode."),
           repeat: int = typer.Option(3, help="Timed runs (median reported) after one warm-up."),
+          memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY,
           as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """Measure load time, time to first token, prompt and decode speed, peak RSS."""
+    """Measure load time, time to first token, prompt and decode speed, peak RSS (and, for MoE
+    models, the expert cache: hit rate, bytes read per token, time stalled on misses)."""
     from .bench import bench as run_bench
-    r = run_bench(bundle, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat)
+    r = run_bench(bundle, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
+                  memory_budget=memory_budget, expert_policy=expert_policy)
     if as_json:
         print(json.dumps(r.as_dict()))
         return
@@ -147,6 +156,11 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
             ("time to first token", f"{r.ttft_s * 1000:.1f} ms ({r.prompt_tokens}-token prompt)"),
             ("prompt", f"{r.prompt_tok_s:.1f} tok/s"), ("decode", f"{r.decode_tok_s:.1f} tok/s ({r.gen_tokens} tokens)"),
             ("peak RSS", f"{r.peak_rss_mb:.0f} MB")]
+    if r.experts:
+        e = r.experts
+        rows += [("expert cache", f"{e['capacity']} of {e['total']} experts resident, policy {e['policy']}"),
+                 ("expert hit rate", f"{e['hit_rate']:.1%}"), ("read per token", f"{e['mb_read_per_token']:.1f} MB"),
+                 ("stalled on misses", f"{e['stall_ms_per_token']:.1f} ms per token")]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")

@@ -29,14 +29,27 @@ def use_global_pool(threads: int) -> int:
     with _POOL_LOCK:
         if _POOL["threads"] is None:
             ort.set_global_thread_pool_sizes(threads, 1)
+            # one CPU arena for every session too: per-session arenas each grow to the largest batch
+            # that session saw (SmolMoE int4: 3.55 -> 1.99 MB per cached expert, same speed)
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
             _POOL["threads"] = threads
         return _POOL["threads"]
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    use_global_pool(threads)
+def pooled_options() -> ort.SessionOptions:
+    """Options for a session on the process-wide thread pool and allocator."""
     so = ort.SessionOptions()
     so.use_per_session_threads = False
+    so.add_session_config_entry("session.use_env_allocators", "1")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    use_global_pool(threads)
+    so = pooled_options()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3

@@ -19,3 +19,7 @@ class ContextError(EdgeError):
 
 class UnsupportedError(EdgeError):
     """An architecture or checkpoint feature edge does not support (yet)."""
+
+
+class BudgetError(EdgeError):
+    """The memory budget cannot hold the model: the message names the minimum that works."""

@@ -41,7 +41,8 @@ class GenerationStats:
 
 
 class Model:
-    def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None):
+    def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None,
+                 memory_budget=None, expert_policy: str = "lfu"):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -50,7 +51,8 @@ class Model:
         if m.moe is not None:
             from .moe import MoEDecoder
             self.decoder = MoEDecoder(bundle, threads=threads, context_length=context_length,
-                                      expert_capacity=expert_capacity)
+                                      expert_capacity=expert_capacity, memory_budget=memory_budget,
+                                      policy=expert_policy)
         else:
             self.decoder = Decoder(bundle, threads=threads, context_length=context_length)
         self.threads = threads
@@ -175,15 +177,19 @@ class Model:
 
 
 def load(path, *, threads: int | None = None, context_length: int | None = None,
-         expert_capacity: int | None = None) -> Model:
+         memory_budget=None, expert_capacity: int | None = None, expert_policy: str = "lfu") -> Model:
     """Open a bundle made by `edge export`.
 
     threads: CPU threads for onnxruntime (default: the cores this process may use). onnxruntime's
         thread pool is process-wide: the first model loaded in a process sets it for all.
     context_length: tokens the KV cache holds, prompt included (default: min(model max, 4096));
         memory for it is committed only as it fills.
-    expert_capacity: Mixture-of-Experts bundles only: how many experts stay resident at once
-        (default: all of them, loaded as the router first picks them).
+    memory_budget: Mixture-of-Experts bundles: the most memory the whole process may use ("300MB",
+        "1.5GB" or bytes); the expert cache is sized from what is left after the dense part and the
+        KV cache. A budget that cannot hold the model raises BudgetError naming the minimum.
+    expert_capacity: instead of a budget, how many experts stay resident at once (default: all,
+        loaded as the router first picks them).
+    expert_policy: "lfu" (per-layer, frequency-aware; default) or "lru" (the baseline).
     """
     bundle = open_bundle(path)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -191,4 +197,7 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
     ctx = context_length or min(bundle.manifest.model.max_context, 4096)
     if expert_capacity is not None and bundle.manifest.moe is not None and expert_capacity < bundle.manifest.moe.top_k:
         raise ConfigError(f"expert_capacity must hold at least one token's experts ({bundle.manifest.moe.top_k})")
-    return Model(bundle, threads=threads or default_threads(), context_length=ctx, expert_capacity=expert_capacity)
+    if memory_budget is not None and bundle.manifest.moe is None:
+        raise ConfigError("memory_budget applies to Mixture-of-Experts bundles; a dense model is loaded whole")
+    return Model(bundle, threads=threads or default_threads(), context_length=ctx, expert_capacity=expert_capacity,
+                 memory_budget=memory_budget, expert_policy=expert_policy)

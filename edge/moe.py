@@ -5,13 +5,17 @@ Same interface as engine.Decoder: forward(ids, all_logits) -> logits [P, vocab],
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle
-from .engine import check_context_length, step_ids, use_global_pool
-from .experts import ExpertCache, pooled_options
-from .memory import release_file_pages
+from .engine import check_context_length, pooled_options, step_ids, use_global_pool
+from .experts import ExpertCache
+from .errors import BudgetError, ConfigError
+from .memory import release_file_pages, status
 
 
 def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -61,8 +65,44 @@ class _Stage:
         self.session.run_with_iobinding(self.io)
 
 
+HEADROOM = 48 << 20       # activations, onnxruntime arenas, Python: measured peaks stay well inside
+PREFILL_CHUNK = 64        # prompt tokens per forward pass: bounds activation memory under a budget
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    base: int              # resident after loading the stages (weights, runtime, tokenizer)
+    kv_cache: int          # at the full context length
+    headroom: int
+    per_expert: int        # resident cost of one cached expert (measured)
+    capacity: int          # experts the cache may hold
+
+    @property
+    def minimum(self) -> int:
+        return self.base + self.kv_cache + self.headroom + 2 * self.per_expert
+
+    def describe(self) -> str:
+        mb = lambda b: f"{b / 2**20:.0f} MB"
+        return (f"dense part {mb(self.base)} + KV cache {mb(self.kv_cache)} + headroom {mb(self.headroom)} "
+                f"+ {mb(self.per_expert)} per resident expert")
+
+
+def parse_bytes(v) -> int:
+    """"300MB", "1.5GiB", "512M", 123456 -> bytes (MB and MiB both mean 2^20 here, as RSS is reported)."""
+    if isinstance(v, bool):
+        raise ConfigError(f"memory budget must be a size such as '300MB', not {v!r}")
+    if isinstance(v, (int, float)):
+        return int(v)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", str(v).lower())
+    if not m:
+        raise ConfigError(f"memory budget must be a size such as '300MB' or '1.5GB', not {v!r}")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
 class MoEDecoder:
-    def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None):
+    def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None,
+                 memory_budget=None, policy: str = "lfu"):
         m = bundle.manifest
         check_context_length(context_length, m.model.max_context)
         self.moe = m.moe
@@ -79,7 +119,13 @@ class MoEDecoder:
             if f.path.endswith(".data"):
                 release_file_pages(bundle.path(f.path))
         n_all = len(self.moe.experts)
-        self.experts = ExpertCache(bundle, capacity=expert_capacity or n_all)
+        self.plan = None
+        if memory_budget is not None:
+            self.plan = self._plan(bundle, parse_bytes(memory_budget), policy)
+            expert_capacity = self.plan.capacity
+        elif expert_capacity is None:
+            expert_capacity = n_all
+        self.experts = ExpertCache(bundle, capacity=min(expert_capacity, n_all), policy=policy)
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self.position = 0
@@ -99,6 +145,27 @@ class MoEDecoder:
         self._vy = [ov(a) for a in self._y]
         self._vstep = {"seqlens_k": ov(self._seqlens), "total_sequence_length": ov(self._total)}
         self._vids, self._vpos = ov(self._ids1), ov(self._pos1)
+
+    def _plan(self, bundle: Bundle, budget: int, policy: str) -> MemoryPlan:
+        """Size the expert cache so that the whole process stays under `budget` bytes."""
+        base = status().get("VmRSS", 0)
+        kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
+        n = self.moe.num_experts                       # build one layer's experts and measure what they hold
+        probe = ExpertCache(bundle, capacity=n, policy="lru")
+        for e in range(n):
+            probe.get(0, e)
+        # one layer's experts under-read the steady state (per-session costs grow as sessions
+        # accumulate: ~1.5 vs ~2.0 MB on SmolMoE int4), hence the margin
+        per_expert = int(max(1.35 * (status().get("VmRSS", 0) - base) / n, max(x.size for x in self.moe.experts)))
+        probe.close()
+        del probe
+        free = budget - base - kv - HEADROOM - 2 * per_expert     # room for experts that run once
+        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert))
+        if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
+            raise BudgetError(f"memory budget {budget / 2**20:.0f} MB is too small for this model at context "
+                              f"{self.context_length}: it needs at least {plan.minimum / 2**20:.0f} MB "
+                              f"({plan.describe()}); raise the budget or lower the context length")
+        return plan
 
     def reset(self) -> None:
         self.position = 0
@@ -160,6 +227,10 @@ class MoEDecoder:
     def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
         ids, total = step_ids(ids, self.position, self.context_length)
         s = ids.shape[1]
+        if s > PREFILL_CHUNK:
+            parts = [self.forward(ids[:, i:i + PREFILL_CHUNK], all_logits=all_logits)
+                     for i in range(0, s, PREFILL_CHUNK)]
+            return np.concatenate(parts) if all_logits else parts[-1]
         self._seqlens[0] = total - 1
         self._total[...] = total
         if s == 1 and not all_logits:

@@ -80,3 +80,50 @@ def test_smolmoe_int4_quarter_cache_identical(smolmoe_hf, workdir):
     quarter = edge.load(b, threads=2, context_length=128, expert_capacity=60)   # 25% of 240 experts
     assert greedy(quarter, ids, 16) == want
     assert quarter.decoder.experts.stats.evictions > 0
+
+
+def test_memory_budget_sizes_the_cache_and_names_the_minimum(tiny_bundle):
+    import re
+    b = tiny_bundle("mixtral", "int4")
+    with pytest.raises(edge.BudgetError, match=r"needs at least \d+ MB \(dense part .* per resident expert\)") as err:
+        edge.load(b, threads=1, context_length=64, memory_budget="10MB")
+    minimum = int(re.search(r"needs at least (\d+) MB", str(err.value)).group(1))
+    roomy = edge.load(b, threads=1, context_length=64, memory_budget="64GB")
+    assert roomy.decoder.experts.capacity == len(roomy.manifest.moe.experts)
+    tight = edge.load(b, threads=1, context_length=64, memory_budget=f"{minimum + 16}MB")   # the process grew meanwhile
+    assert tight.decoder.plan.budget == (minimum + 16) << 20
+    ids = [5, 17, 99, 3, 250]
+    assert tight.generate_ids(ids, max_new_tokens=12) == roomy.generate_ids(ids, max_new_tokens=12)
+
+
+def test_memory_budget_is_refused_for_dense_models(tiny_bundle):
+    with pytest.raises(edge.ConfigError, match="Mixture-of-Experts"):
+        edge.load(tiny_bundle("llama"), memory_budget="1GB")
+
+
+@pytest.mark.parametrize("text", ["300MB", "0.5 GB", "512mib", "2g"])
+def test_budget_sizes_parse(text):
+    from edge.moe import parse_bytes
+    assert parse_bytes(text) in (300 << 20, 512 << 20, 2 << 30)
+
+
+def test_lfu_beats_lru_on_skewed_cyclic_routing(tiny_bundle, monkeypatch):
+    """Layers are visited in a cycle, so below the working set LRU evicts what comes next; LFU keeps
+    each layer's frequent experts. Sessions are not built here: only the policy is exercised."""
+    from edge.bundle import open_bundle
+    from edge.experts import ExpertCache
+    b = open_bundle(tiny_bundle("mixtral", "int4"))
+    rng = np.random.default_rng(0)
+    probs = np.array([0.55, 0.3, 0.1, 0.05])                       # skewed, as trained routers are
+    trace = [(layer, int(e)) for _ in range(300) for layer in range(2) for e in rng.choice(4, 2, replace=False, p=probs)]
+    rates = {}
+    for policy in ("lru", "lfu"):
+        c = ExpertCache(b, capacity=2, policy=policy)
+        monkeypatch.setattr(c, "_read", lambda key: None)
+        monkeypatch.setattr(c, "_build", lambda blob: object.__new__(type("Item", (), {"bound": {}})))
+        monkeypatch.setattr(c, "_release", lambda key: None)
+        for layer, e in trace:
+            c._get(layer, e)
+        rates[policy] = c.stats.hit_rate
+        assert len(c.cache) <= 2
+    assert rates["lfu"] > rates["lru"] + 0.10, rates
