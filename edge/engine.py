@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from .bundle import Bundle
 from .errors import ConfigError, ContextError
+from .manifest import GraphSpec
 from .memory import release_file_pages
 
 
@@ -80,8 +81,8 @@ def step_ids(ids, position: int, context_length: int) -> tuple[np.ndarray, int]:
 
 
 class Decoder:
-    def __init__(self, bundle: Bundle, *, threads: int, context_length: int):
-        g = bundle.manifest.graph
+    def __init__(self, bundle: Bundle, *, threads: int, context_length: int, graph: GraphSpec | None = None):
+        g = graph or bundle.manifest.graph
         check_context_length(context_length, bundle.manifest.model.max_context)
         self.spec = g
         self.context_length = context_length
@@ -89,7 +90,7 @@ class Decoder:
         self.session = ort.InferenceSession(str(bundle.path(g.file)), session_options(threads),
                                             providers=["CPUExecutionProvider"])
         for f in bundle.manifest.files:     # pages read while prepacking weights are never read again
-            if f.path.endswith(".data"):
+            if f.path.endswith((".data", ".bin")):
                 release_file_pages(bundle.path(f.path))
         shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
         self.kv = [np.zeros(shape, np.float32) for _ in range(2 * len(g.past_keys))]

@@ -115,6 +115,7 @@ class MoESpec:
     top_k: int
     normalize_topk: bool
     routing: str = "softmax_topk"
+    fused: GraphSpec | None = None         # everything in one graph (QMoE nodes): the all-resident path
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,10 @@ class Model:
         self.manifest = m
         self.text = Text(m.tokenizer, bundle.path(m.tokenizer.file),
                          bundle.path(m.tokenizer.chat_template) if m.tokenizer.chat_template else None)
-        if m.moe is not None:
+        if m.moe is not None and m.moe.fused is not None and memory_budget is None and expert_capacity is None:
+            # no memory limit: every expert resident, in one graph where onnxruntime routes (QMoE)
+            self.decoder = Decoder(bundle, threads=threads, context_length=context_length, graph=m.moe.fused)
+        elif m.moe is not None:
             from .moe import MoEDecoder
             self.decoder = MoEDecoder(bundle, threads=threads, context_length=context_length,
                                       expert_capacity=expert_capacity, memory_budget=memory_budget,

@@ -27,7 +27,7 @@ from edge.manifest import ExpertEntry, ExpertTensor, GraphSpec, MoESpec, StageSp
 
 from .arch.common import DecoderArch
 from .decoder import QuantPolicy, StepInputs, _Emitter, attention, lm_head, swiglu_mlp
-from .onnx_graph import ALIGN, DataFile, Graph
+from .onnx_graph import ALIGN, DataFile, Graph, external_tensor
 from .rope import tables
 
 
@@ -78,6 +78,12 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     store = open(root / "experts.bin", "wb")
     experts: list[ExpertEntry] = []
     layout: tuple[ExpertTensor, ...] | None = None
+    scheme = policy.linear
+    fusable = scheme is not None and scheme.symmetric               # QMoE: quantized, no zero points
+    fused_data = DataFile(root / "experts.fused.bin") if fusable else None
+    stage_graphs: list[Graph] = []
+    fused_layers: list[dict[str, int]] = []
+    fused_shapes: dict[str, tuple] = {}
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
         if i not in moe.sparse_layers:
@@ -114,6 +120,8 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         entries += em.entries
         n_params += em.num_parameters
 
+        stage_graphs.append(g)
+        fc1q, fc1s, fc2q, fc2s = [], [], [], []
         for e, gate, up, down in moe.experts(get, i):
             blob = _Blob("experts.bin")
             eg, eem = _expert_graph(blob, gate, up, down, s.hidden_size, policy.linear, "expert.")
@@ -127,6 +135,14 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             elif these != layout:
                 raise AssertionError(f"expert {i}.{e} has a different tensor layout")
             raw = blob.bytes()
+            if fusable:   # QMoE wants gate and up rows interleaved: g0, u0, g1, u1, ...
+                t = {x.name: np.frombuffer(raw, x.dtype, int(np.prod(x.shape)), x.offset).reshape(x.shape) for x in these}
+                ffn = gate.shape[0]
+                order = np.arange(2 * ffn).reshape(2, ffn).T.reshape(-1)                 # [g0, u0, g1, u1, ...]
+                fc1q.append(t["expert.gate_up.qweight"][order].reshape(2 * ffn, -1))    # [2F, H * bits / 8]
+                fc1s.append(t["expert.gate_up.scales"][order])                           # [2F, n_blocks]
+                fc2q.append(t["expert.down.qweight"].reshape(s.hidden_size, -1))        # [H, F * bits / 8]
+                fc2s.append(t["expert.down.scales"])
             store.write(b"\0" * (-store.tell() % ALIGN))
             experts.append(ExpertEntry(layer=i, expert=e, offset=store.tell(), size=len(raw),
                                        sha256=hashlib.sha256(raw).hexdigest()))
@@ -134,6 +150,11 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             entries += [dataclasses.replace(t, name=t.name.replace("expert.", f"layers.{i}.experts.{e}.", 1))
                         for t in eem.entries]
             n_params += eem.num_parameters
+        if fusable:
+            fused_layers.append({k: fused_data.write(np.stack(v).tobytes()) for k, v in
+                                 (("fc1q", fc1q), ("fc1s", fc1s), ("fc2q", fc2q), ("fc2s", fc2s))})
+            fused_shapes = {"fc1q": (moe.num_experts,) + fc1q[0].shape, "fc1s": (moe.num_experts,) + fc1s[0].shape,
+                            "fc2q": (moe.num_experts,) + fc2q[0].shape, "fc2s": (moe.num_experts,) + fc2s[0].shape}
 
     # head
     g = Graph(data)
@@ -150,6 +171,11 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     store.close()
     data.close()
     files.append("experts.bin")
+    fused = None
+    if fusable:
+        fused_data.close()
+        fused = _fused_graph(root, stage_graphs, g, fused_layers, fused_shapes, arch, scheme)
+        files += ["fused.onnx", "experts.fused.bin"]
 
     spec = GraphSpec(file=stages[0].file, input_ids="input_ids", seqlens_k="seqlens_k",
                      total_sequence_length="total_sequence_length", logits_positions=positions, logits="logits",
@@ -158,8 +184,63 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                      present_keys=tuple(k[2] for k in kvs), present_values=tuple(k[3] for k in kvs))
     moe_spec = MoESpec(stages=tuple(stages), expert_graph="expert.onnx", expert_input="x", expert_output="y",
                        expert_file="experts.bin", expert_tensors=layout, experts=tuple(experts),
-                       num_experts=moe.num_experts, top_k=moe.top_k, normalize_topk=moe.normalize_topk)
+                       num_experts=moe.num_experts, top_k=moe.top_k, normalize_topk=moe.normalize_topk,
+                       fused=dataclasses.replace(spec, file="fused.onnx") if fused else None)
     return spec, moe_spec, entries, n_params, files
+
+
+def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: list[dict[str, int]],
+                 shapes: dict[str, tuple], arch: DecoderArch, scheme) -> bool:
+    """All stages and the head merged into one graph, each layer's experts as one QMoE node
+    (onnxruntime routes and runs them itself) whose weights are experts.fused.bin:
+
+        stage i's nodes ─► moe_in [1,S,H] ─► Reshape [S,H] ─► QMoE(router_logits [S,E], fc1, fc2) ─► Reshape [1,S,H]
+                                                                                                     └► stage i+1
+    """
+    from onnx import helper
+    s, moe = arch.spec, arch.moe
+    out = Graph(stage_graphs[0].data)
+    seen: set[str] = set()
+
+    def take(g: Graph, tag: str, rename: dict[str, str]) -> None:
+        for n in g.nodes:
+            m = helper.make_node(n.op_type, [rename.get(x, x) for x in n.input], [rename.get(x, x) for x in n.output],
+                                 name=f"{tag}/{n.name}", domain=n.domain)
+            m.attribute.extend(n.attribute)
+            out.nodes.append(m)
+        for t in g.initializers:
+            if t.name not in seen:
+                seen.add(t.name)
+                out.initializers.append(t)
+        for v in g.inputs:
+            if v.name not in ("hidden", "residual") and v.name not in {x.name for x in out.inputs}:
+                out.inputs.append(v)
+        out.outputs.extend(v for v in g.outputs if v.name.startswith("present_") or v.name == "logits")
+
+    flat = out.weight("moe.flat_shape", np.array([-1, s.hidden_size], np.int64))
+    flat_e = out.weight("moe.router_shape", np.array([-1, moe.num_experts], np.int64))
+    back = out.weight("moe.shape3", np.array([1, -1, s.hidden_size], np.int64))
+    for i, g in enumerate(stage_graphs):
+        ren = {"moe_in": f"L{i}.moe_in", "residual_out": f"L{i}.residual", "router_logits": f"L{i}.router_logits"}
+        if i:
+            ren.update(hidden=f"L{i - 1}.moe_out", residual=f"L{i - 1}.residual")
+        take(g, f"L{i}", ren)
+        w = {}
+        for k, off in layers[i].items():
+            dtype = np.uint8 if k.endswith("q") else np.float32
+            w[k] = f"layers.{i}.qmoe.{k}"
+            out.initializers.append(external_tensor(w[k], dtype, shapes[k], "experts.fused.bin", off))
+        x = out.op1("Reshape", [f"L{i}.moe_in", flat], name=f"L{i}/moe_flat")                      # [S, H]
+        r = out.op1("Reshape", [f"L{i}.router_logits", flat_e], name=f"L{i}/router_flat")           # [S, E]
+        y = out.op1("QMoE", [x, r, w["fc1q"], w["fc1s"], "", w["fc2q"], w["fc2s"]], name=f"L{i}/qmoe",
+                    domain="com.microsoft", k=moe.top_k, activation_type="swiglu", swiglu_fusion=1,
+                    normalize_routing_weights=int(moe.normalize_topk), expert_weight_bits=scheme.bits,
+                    block_size=scheme.block_size, accuracy_level=4)
+        out.nodes.append(helper.make_node("Reshape", [y, back], [f"L{i}.moe_out"], name=f"L{i}/moe_out"))  # [1, S, H]
+    last = len(stage_graphs) - 1
+    take(head, "head", {"hidden": f"L{last}.moe_out", "residual": f"L{last}.residual"})
+    out.save(root / "fused.onnx", name="fused_moe")
+    return True
 
 
 def _identity(src: str, dst: str):

@@ -21,12 +21,24 @@ def test_routing_matches_mixtral():
 def test_small_expert_cache_gives_identical_tokens(tiny_bundle, quant):
     b = tiny_bundle("mixtral", quant)
     prompts = [[5, 17, 99, 3, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
-    full = edge.load(b, threads=1, context_length=64)
+    full = edge.load(b, threads=1, context_length=64, expert_capacity=8)     # staged, all 8 experts resident
     want = [full.generate_ids(p, max_new_tokens=20) for p in prompts]
     small = edge.load(b, threads=1, context_length=64, expert_capacity=2)      # one token's top-2, nothing more
     assert [small.generate_ids(p, max_new_tokens=20) for p in prompts] == want
     s = small.decoder.experts.stats
     assert s.misses > 8 and s.evictions > 0 and len(small.decoder.experts.cache) <= 2
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, quant):
+    """Without a memory limit the runtime runs the fused graph (one QMoE node per layer); it must
+    compute what the staged pipeline computes."""
+    b = tiny_bundle("mixtral", quant)
+    fused = edge.load(b, threads=1, context_length=64)
+    staged = edge.load(b, threads=1, context_length=64, expert_capacity=8)
+    assert type(fused.decoder).__name__ == "Decoder" and type(staged.decoder).__name__ == "MoEDecoder"
+    ids = [5, 17, 99, 3, 250, 7, 8, 9]
+    np.testing.assert_allclose(fused.logits(ids), staged.logits(ids), atol=1e-4)
 
 
 def test_capacity_below_top_k_is_refused(tiny_bundle):
@@ -76,7 +88,7 @@ def test_smolmoe_int4_quarter_cache_identical(smolmoe_hf, workdir):
     from export import ExportOptions, export_model
     b = export_model(str(smolmoe_hf), workdir / "smolmoe-int4", ExportOptions(quant="int4"), progress=False).out
     ids = edge.load(b, threads=2, context_length=128).encode("The robot picked up the box and")
-    want = greedy(edge.load(b, threads=2, context_length=128), ids, 16)
+    want = greedy(edge.load(b, threads=2, context_length=128, expert_capacity=240), ids, 16)
     quarter = edge.load(b, threads=2, context_length=128, expert_capacity=60)   # 25% of 240 experts
     assert greedy(quarter, ids, 16) == want
     assert quarter.decoder.experts.stats.evictions > 0
