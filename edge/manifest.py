@@ -37,7 +37,7 @@ class ModelSpec:
     norm_eps: float
     tie_word_embeddings: bool
     attention_bias: bool
-    qk_norm: bool
+    qk_norm: str                 # "": none, "head": RMSNorm over each head (Qwen3), "full": over all heads (OLMoE)
     sliding_window: int          # 0: full attention
     num_parameters: int
     num_experts: int = 0         # Mixture-of-Experts: experts per sparse layer (0: dense)

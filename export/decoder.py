@@ -145,8 +145,12 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
     if s.qk_norm:
         q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
                        3, name=p + "qkv_split", axis=-1)
-        q = _head_rms(g, em, q, w("q_norm"), NH, D, s.norm_eps, p + "q_norm")
-        k = _head_rms(g, em, k, w("k_norm"), KV, D, s.norm_eps, p + "k_norm")
+        if s.qk_norm == "head":
+            q = _head_rms(g, em, q, w("q_norm"), NH, D, s.norm_eps, p + "q_norm")
+            k = _head_rms(g, em, k, w("k_norm"), KV, D, s.norm_eps, p + "k_norm")
+        else:    # one RMSNorm over the whole projection
+            q = _rms(g, q, em.plain(p + "q_norm", w("q_norm")), s.norm_eps, p + "q_norm")
+            k = _rms(g, k, em.plain(p + "k_norm", w("k_norm")), s.norm_eps, p + "k_norm")
         attn_in = [q, k, v]
     else:
         attn_in = [qkv, "", ""]

@@ -79,7 +79,9 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     experts: list[ExpertEntry] = []
     layout: tuple[ExpertTensor, ...] | None = None
     scheme = policy.linear
-    fusable = scheme is not None and scheme.symmetric               # QMoE: quantized, no zero points
+    # QMoE: quantized, no zero points, and its block size must divide both matmul depths
+    fusable = (scheme is not None and scheme.symmetric and s.hidden_size % scheme.block_size == 0
+               and moe.expert_intermediate_size % scheme.block_size == 0)
     fused_data = DataFile(root / "experts.fused.bin") if fusable else None
     stage_graphs: list[Graph] = []
     fused_layers: list[dict[str, int]] = []
@@ -232,10 +234,19 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: lis
             out.initializers.append(external_tensor(w[k], dtype, shapes[k], "experts.fused.bin", off))
         x = out.op1("Reshape", [f"L{i}.moe_in", flat], name=f"L{i}/moe_flat")                      # [S, H]
         r = out.op1("Reshape", [f"L{i}.router_logits", flat_e], name=f"L{i}/router_flat")           # [S, E]
+        # QMoE renormalises the top-k weights; without renormalisation (OLMoE, Qwen-MoE) the weights
+        # are the plain softmax probabilities = renormalised weights x the top-k probability mass
         y = out.op1("QMoE", [x, r, w["fc1q"], w["fc1s"], "", w["fc2q"], w["fc2s"]], name=f"L{i}/qmoe",
                     domain="com.microsoft", k=moe.top_k, activation_type="swiglu", swiglu_fusion=1,
-                    normalize_routing_weights=int(moe.normalize_topk), expert_weight_bits=scheme.bits,
+                    normalize_routing_weights=1, expert_weight_bits=scheme.bits,
                     block_size=scheme.block_size, accuracy_level=4)
+        if not moe.normalize_topk:
+            probs = out.op1("Softmax", [r], name=f"L{i}/router_softmax", axis=-1)                  # [S, E]
+            top = out.op("TopK", [probs, out.weight(f"L{i}.k", np.array([moe.top_k], np.int64))], 2,
+                         name=f"L{i}/router_topk", axis=-1)[0]                                       # [S, k]
+            mass = out.op1("ReduceSum", [top, out.weight(f"L{i}.axis", np.array([-1], np.int64))],
+                           name=f"L{i}/topk_mass", keepdims=1)                                       # [S, 1]
+            y = out.op1("Mul", [y, mass], name=f"L{i}/unnormalise")
         out.nodes.append(helper.make_node("Reshape", [y, back], [f"L{i}.moe_out"], name=f"L{i}/moe_out"))  # [1, S, H]
     last = len(stage_graphs) - 1
     take(head, "head", {"hidden": f"L{last}.moe_out", "residual": f"L{last}.residual"})

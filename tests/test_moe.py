@@ -29,16 +29,29 @@ def test_small_expert_cache_gives_identical_tokens(tiny_bundle, quant):
     assert s.misses > 8 and s.evictions > 0 and len(small.decoder.experts.cache) <= 2
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, quant):
+@pytest.mark.parametrize("arch,quant", [("mixtral", "int4"), ("mixtral", "int8"), ("qwen3_moe", "int4"), ("olmoe", "int4")])
+def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, arch, quant):
     """Without a memory limit the runtime runs the fused graph (one QMoE node per layer); it must
-    compute what the staged pipeline computes."""
-    b = tiny_bundle("mixtral", quant)
+    compute what the staged pipeline computes (olmoe: top-k weights not renormalised)."""
+    b = tiny_bundle(arch, quant)
     fused = edge.load(b, threads=1, context_length=64)
     staged = edge.load(b, threads=1, context_length=64, expert_capacity=8)
     assert type(fused.decoder).__name__ == "Decoder" and type(staged.decoder).__name__ == "MoEDecoder"
     ids = [5, 17, 99, 3, 250, 7, 8, 9]
     np.testing.assert_allclose(fused.logits(ids), staged.logits(ids), atol=1e-4)
+
+
+def test_dense_layers_inside_a_moe_model_are_refused(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from export import export_model
+    src = shutil.copytree(tiny_checkpoint("qwen3_moe"), tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["mlp_only_layers"] = [1]
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(edge.UnsupportedError, match="layer 1 .* dense MLP"):
+        export_model(str(src), tmp_path / "out", progress=False)
 
 
 def test_capacity_below_top_k_is_refused(tiny_bundle):

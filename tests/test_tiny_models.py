@@ -5,7 +5,7 @@ import pytest
 
 import edge
 
-ARCHS = ["llama", "llama-tied-rope3", "mistral", "mistral-window", "qwen2", "qwen3", "mixtral"]
+ARCHS = ["llama", "llama-tied-rope3", "mistral", "mistral-window", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe"]
 
 
 def reference(hf_dir, ids, steps):

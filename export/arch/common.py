@@ -75,7 +75,7 @@ def rope_config(cfg: dict) -> tuple[float, dict | None]:
     return theta, scaling
 
 
-def llama_family(cfg: dict, *, attention_bias: bool, mlp_bias: bool = False, qk_norm: bool = False,
+def llama_family(cfg: dict, *, attention_bias: bool, mlp_bias: bool = False, qk_norm: str = "",
                  o_bias: bool | None = None, sliding_window: int = 0) -> DecoderArch:
     """The Llama layout: RMSNorm, rotary GQA attention, SwiGLU MLP, HF tensor names."""
     reject(cfg, "hidden_act", ("silu",))
@@ -90,7 +90,7 @@ def llama_family(cfg: dict, *, attention_bias: bool, mlp_bias: bool = False, qk_
         max_context=cfg.get("max_position_embeddings") or 4096, rope_theta=theta,
         rope_scaling=rope_kind(scaling), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), attention_bias=attention_bias,
-        qk_norm=qk_norm, sliding_window=sliding_window, num_parameters=0)
+        qk_norm=qk_norm, sliding_window=sliding_window, num_parameters=0)   # qk_norm: "", "head" or "full"
     o_bias = attention_bias if o_bias is None else o_bias
 
     def layer_names(i: int) -> dict[str, str]:
@@ -113,3 +113,27 @@ def llama_family(cfg: dict, *, attention_bias: bool, mlp_bias: bool = False, qk_
     if not spec.tie_word_embeddings:
         top["lm_head"] = "lm_head.weight"
     return DecoderArch(spec=spec, rope_scaling=scaling, top=top, layer_names=layer_names)
+
+
+def sparse_moe(arch: DecoderArch, cfg: dict, *, ffn_key: str, normalize: bool, prefix: str = "mlp") -> DecoderArch:
+    """Attach a Hugging Face-style sparse MLP: router `{prefix}.gate.weight` [E, H], experts
+    `{prefix}.experts.E.{gate,up,down}_proj.weight`. Layers listed in mlp_only_layers, or skipped by
+    decoder_sparse_step, would be dense: not supported yet, refused by the exporter."""
+    import dataclasses
+    # released checkpoints say num_experts; transformers 5 writes num_local_experts
+    n_exp = cfg.get("num_experts") or require(cfg, "num_local_experts")
+    top_k = require(cfg, "num_experts_per_tok")
+    ffn = require(cfg, ffn_key)
+    step = cfg.get("decoder_sparse_step") or 1
+    dense = set(cfg.get("mlp_only_layers") or [])
+    sparse = tuple(i for i in range(arch.spec.num_layers) if i not in dense and (i + 1) % step == 0)
+
+    def experts(get, i: int):
+        p = f"model.layers.{i}.{prefix}.experts."
+        for e in range(n_exp):
+            yield (e, get(f"{p}{e}.gate_proj.weight"), get(f"{p}{e}.up_proj.weight"), get(f"{p}{e}.down_proj.weight"))
+
+    moe = MoEArch(num_experts=n_exp, top_k=top_k, expert_intermediate_size=ffn, normalize_topk=normalize,
+                  sparse_layers=sparse, router_name=lambda i: f"model.layers.{i}.{prefix}.gate.weight", experts=experts)
+    spec = dataclasses.replace(arch.spec, num_experts=n_exp, experts_per_token=top_k, expert_intermediate_size=ffn)
+    return dataclasses.replace(arch, spec=spec, moe=moe)

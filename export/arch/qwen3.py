@@ -7,4 +7,4 @@ from .common import DecoderArch, llama_family, reject
 
 def describe(cfg: dict) -> DecoderArch:
     reject(cfg, "use_sliding_window", (False,), " (per-layer sliding windows are not implemented)")
-    return llama_family(cfg, attention_bias=bool(cfg.get("attention_bias", False)), qk_norm=True)
+    return llama_family(cfg, attention_bias=bool(cfg.get("attention_bias", False)), qk_norm="head")
