@@ -130,12 +130,13 @@ class MoEDecoder:
         self._total = np.zeros((), np.int32)
         self.position = 0
         self._decode_bound = False
+        self._shared = [("moe_shared" in st.outputs) for st in self.moe.stages[:-1]]
         # one-token buffers: stage i writes moe_in into x; experts write y0..y(k-1); the weighted sum
         # goes to hidden, which stage i+1 reads together with the residual stream
         H, E, K = self.hidden, self.moe.num_experts, self.moe.top_k
         self._b = {n: np.zeros(shape, np.float32) for n, shape in
                    (("x", (1, H)), ("hidden", (1, 1, H)), ("residual", (1, 1, H)), ("residual2", (1, 1, H)),
-                    ("logits", (1, 1, E)), ("out", (1, 1, self.vocab_size)))}
+                    ("logits", (1, 1, E)), ("out", (1, 1, self.vocab_size)), ("shared", (1, 1, H)))}
         self._y = [np.zeros((1, H), np.float32) for _ in range(K)]
         self._ids1 = np.zeros((1, 1), np.int64)
         self._pos1 = np.zeros((1,), np.int64)
@@ -196,7 +197,10 @@ class MoEDecoder:
         for i, st in enumerate(self.stages[:-1]):
             feeds = dict(self._vstep, input_ids=self._vids) if i == 0 else \
                 dict(self._vstep, hidden=v["hidden"], residual=res[(i - 1) % 2])
-            st.bind(feeds, {"moe_in": v["x3"], "residual": res[i % 2], "router_logits": v["logits"]})
+            outs = {"moe_in": v["x3"], "residual": res[i % 2], "router_logits": v["logits"]}
+            if "moe_shared" in st.spec.outputs:
+                outs["moe_shared"] = v["shared"]
+            st.bind(feeds, outs)
         last = len(self.stages) - 2
         self.stages[-1].bind({"hidden": v["hidden"], "residual": res[last % 2], "logits_positions": self._vpos},
                              {"logits": v["out"]})
@@ -220,6 +224,8 @@ class MoEDecoder:
             np.multiply(self._y[0][0], w[0], out=hidden)
             for k in range(1, K):
                 hidden += w[k] * self._y[k][0]
+            if self._shared[layer]:
+                hidden += b["shared"][0, 0]
         st = self.stages[-1]
         st.session.run_with_iobinding(st.io)
         return b["out"][0]
@@ -246,8 +252,13 @@ class MoEDecoder:
             moe_in = np.empty((1, s, H), np.float32)
             residual = np.empty((1, s, H), np.float32)
             logits = np.empty((1, s, E), np.float32)
-            st.run(feeds, {"moe_in": moe_in, "residual": residual, "router_logits": logits})
+            outs = {"moe_in": moe_in, "residual": residual, "router_logits": logits}
+            if "moe_shared" in st.spec.outputs:
+                outs["moe_shared"] = shared = np.empty((1, s, H), np.float32)
+            st.run(feeds, outs)
             hidden = self._mix(layer, moe_in[0], logits[0])[None]                 # [1, S, H]
+            if "moe_shared" in outs:
+                hidden += shared
         positions = np.arange(s, dtype=np.int64) if all_logits else np.array([s - 1], np.int64)
         out = np.empty((1, positions.size, self.vocab_size), np.float32)
         self.stages[-1].run({"hidden": hidden, "residual": residual, "logits_positions": positions}, {"logits": out})

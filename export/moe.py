@@ -116,6 +116,14 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         g.output("router_logits", TensorProto.FLOAT, [1, "S", moe.num_experts])
         outs = {"moe_in": "moe_in", "residual": "residual_out", "router_logits": "router_logits",
                 "present_key": kv[2], "present_value": kv[3]}
+        if moe.shared_expert:      # sigmoid(x @ gate_weight.T) * shared_mlp(x), added to the routed sum
+            n = moe.shared_expert(i)
+            y = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.shared.", policy.linear)
+            gate = g.op1("Sigmoid", [em.linear(x, get(n["gate_weight"]), f"layers.{i}.shared_gate", None)],
+                         name=f"layers.{i}.shared_gate/sigmoid")                                   # [1, S, 1]
+            g.op("Mul", [y, gate], name=f"layers.{i}.shared/scale", outputs=["moe_shared"])
+            g.output("moe_shared", TensorProto.FLOAT, [1, "S", s.hidden_size])
+            outs["moe_shared"] = "moe_shared"
         g.save(root / f"layers.{i}.onnx", name=f"layer_{i}")
         files.append(f"layers.{i}.onnx")
         stages.append(StageSpec(file=f"layers.{i}.onnx", inputs=ins, outputs=outs))
@@ -223,7 +231,8 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: lis
     flat_e = out.weight("moe.router_shape", np.array([-1, moe.num_experts], np.int64))
     back = out.weight("moe.shape3", np.array([1, -1, s.hidden_size], np.int64))
     for i, g in enumerate(stage_graphs):
-        ren = {"moe_in": f"L{i}.moe_in", "residual_out": f"L{i}.residual", "router_logits": f"L{i}.router_logits"}
+        ren = {"moe_in": f"L{i}.moe_in", "residual_out": f"L{i}.residual", "router_logits": f"L{i}.router_logits",
+               "moe_shared": f"L{i}.moe_shared"}
         if i:
             ren.update(hidden=f"L{i - 1}.moe_out", residual=f"L{i - 1}.residual")
         take(g, f"L{i}", ren)
@@ -247,7 +256,11 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: lis
             mass = out.op1("ReduceSum", [top, out.weight(f"L{i}.axis", np.array([-1], np.int64))],
                            name=f"L{i}/topk_mass", keepdims=1)                                       # [S, 1]
             y = out.op1("Mul", [y, mass], name=f"L{i}/unnormalise")
-        out.nodes.append(helper.make_node("Reshape", [y, back], [f"L{i}.moe_out"], name=f"L{i}/moe_out"))  # [1, S, H]
+        if moe.shared_expert:
+            y3 = out.op1("Reshape", [y, back], name=f"L{i}/moe_routed")                                # [1, S, H]
+            out.nodes.append(helper.make_node("Add", [y3, f"L{i}.moe_shared"], [f"L{i}.moe_out"], name=f"L{i}/moe_out"))
+        else:
+            out.nodes.append(helper.make_node("Reshape", [y, back], [f"L{i}.moe_out"], name=f"L{i}/moe_out"))  # [1, S, H]
     last = len(stage_graphs) - 1
     take(head, "head", {"hidden": f"L{last}.moe_out", "residual": f"L{last}.residual"})
     out.save(root / "fused.onnx", name="fused_moe")

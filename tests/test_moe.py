@@ -17,9 +17,9 @@ def test_routing_matches_mixtral():
     np.testing.assert_allclose(w_raw[0], p[[1, 3]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int4"])
-def test_small_expert_cache_gives_identical_tokens(tiny_bundle, quant):
-    b = tiny_bundle("mixtral", quant)
+@pytest.mark.parametrize("arch,quant", [("mixtral", "fp32"), ("mixtral", "int4"), ("qwen2_moe", "int4")])
+def test_small_expert_cache_gives_identical_tokens(tiny_bundle, arch, quant):
+    b = tiny_bundle(arch, quant)
     prompts = [[5, 17, 99, 3, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
     full = edge.load(b, threads=1, context_length=64, expert_capacity=8)     # staged, all 8 experts resident
     want = [full.generate_ids(p, max_new_tokens=20) for p in prompts]
@@ -29,7 +29,8 @@ def test_small_expert_cache_gives_identical_tokens(tiny_bundle, quant):
     assert s.misses > 8 and s.evictions > 0 and len(small.decoder.experts.cache) <= 2
 
 
-@pytest.mark.parametrize("arch,quant", [("mixtral", "int4"), ("mixtral", "int8"), ("qwen3_moe", "int4"), ("olmoe", "int4")])
+@pytest.mark.parametrize("arch,quant", [("mixtral", "int4"), ("mixtral", "int8"), ("qwen3_moe", "int4"), ("olmoe", "int4"),
+                                       ("qwen2_moe", "int4")])
 def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, arch, quant):
     """Without a memory limit the runtime runs the fused graph (one QMoE node per layer); it must
     compute what the staged pipeline computes (olmoe: top-k weights not renormalised)."""

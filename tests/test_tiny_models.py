@@ -5,7 +5,7 @@ import pytest
 
 import edge
 
-ARCHS = ["llama", "llama-tied-rope3", "mistral", "mistral-window", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe"]
+ARCHS = ["llama", "llama-tied-rope3", "mistral", "mistral-window", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
 
 
 def reference(hf_dir, ids, steps):

@@ -23,6 +23,8 @@ CONFIGS = {
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
     "qwen3_moe": dict(model_type="qwen3_moe", head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                       norm_topk_prob=True),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=96, norm_topk_prob=False),
     "olmoe": dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
 }
 

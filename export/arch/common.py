@@ -28,6 +28,7 @@ class MoEArch:
     sparse_layers: tuple[int, ...]
     router_name: Callable[[int], str]
     experts: Callable[[Callable[[str], Any], int], Any]
+    shared_expert: Callable[[int], dict[str, str]] | None = None   # names: gate, up, down, gate_weight [1, H]
 
 
 @dataclass(frozen=True)
