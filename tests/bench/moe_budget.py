@@ -49,24 +49,12 @@ def worker_edge(path, ids, gen, budget, policy):
 
 
 def worker_llama(path, ids, gen):
-    import numpy as np
-    from llama_cpp import Llama
-    llm = Llama(model_path=path, n_ctx=len(ids) + gen, n_threads=2, n_threads_batch=2, verbose=False)
-    def once(n):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        return t1 - t0, time.perf_counter() - t1
+    sys.path.insert(0, os.path.dirname(HERE))
+    from compare_dense import _rss_mb, worker_llama as llama_session
+    _, once = llama_session(path, ids, gen, 2)
     once(8)
     ttft, dec = once(gen)
-    with open("/proc/self/status") as f:
-        hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-    return dict(prompt_tok_s=len(ids) / ttft, decode_tok_s=(gen - 1) / dec, peak_rss_mb=hwm)
+    return dict(prompt_tok_s=len(ids) / ttft, decode_tok_s=(gen - 1) / dec, peak_rss_mb=_rss_mb())
 
 
 def in_cgroup(name: str, limit: int, argv: list[str], timeout: int) -> tuple[dict | None, dict]:
