@@ -90,3 +90,50 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
                        gen_tokens=gen_tokens, load_s=load_s, ttft_s=ttft, prompt_tok_s=prompt_tokens / ttft,
                        decode_tok_s=(gen_tokens - 1) / dec if gen_tokens > 1 else 0.0, peak_rss_mb=peak_rss_mb(),
                        experts=experts)
+
+
+def sweep(path: str, budgets: list[str], *, threads: int | None, prompt_tokens: int, gen_tokens: int,
+          repeat: int, expert_policy: str) -> list[dict]:
+    """`edge bench` at each budget, each in a fresh process (a process's memory is the budget's
+    subject: earlier loads in the same process would count against later ones)."""
+    import json
+    import subprocess
+    import sys
+    rows = []
+    for b in budgets:
+        cmd = [sys.executable, "-m", "edge", "bench", str(path), "--json", "--memory-budget", b,
+               "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens), "--repeat", str(repeat),
+               "--expert-policy", expert_policy] + (["--threads", str(threads)] if threads else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        row = {"budget": b}
+        if p.returncode == 0:
+            row.update(json.loads(p.stdout.strip().splitlines()[-1]))
+        else:
+            row["error"] = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        rows.append(row)
+    return rows
+
+
+def plot_sweep(rows: list[dict], out: str) -> None:
+    """tok/s and expert hit rate against budget, as a PNG (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if "decode_tok_s" in r and r.get("experts")]
+    x = [parse_mb(r["budget"]) for r in ok]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(x, [r["decode_tok_s"] for r in ok], "o-", color="tab:blue", label="decode tok/s")
+    ax.set_xlabel("memory budget (MB)")
+    ax.set_ylabel("decode tok/s", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(x, [100 * r["experts"]["hit_rate"] for r in ok], "s--", color="tab:orange", label="expert hit rate")
+    ax2.set_ylabel("expert hit rate (%)", color="tab:orange")
+    ax2.set_ylim(0, 100)
+    ax.set_title(f"{ok[0]['bundle'] if ok else ''}: speed vs memory budget", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def parse_mb(text: str) -> float:
+    from .moe import parse_bytes
+    return parse_bytes(text) / 2**20

@@ -143,10 +143,37 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
           gen_tokens: int = typer.Option(128, help="Tokens to decode."),
           repeat: int = typer.Option(3, help="Timed runs (median reported) after one warm-up."),
           memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY,
+          sweep: Optional[str] = typer.Option(None, "--sweep", help="MoE: comma-separated budgets to run in turn, "
+                                              "e.g. 350MB,450MB,700MB (each in a fresh process)."),
+          plot: str = typer.Option("sweep.png", "--plot", help="With --sweep: PNG of tok/s and hit rate vs budget."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Measure load time, time to first token, prompt and decode speed, peak RSS (and, for MoE
     models, the expert cache: hit rate, bytes read per token, time stalled on misses)."""
     from .bench import bench as run_bench
+    if sweep:
+        from .bench import plot_sweep
+        from .bench import sweep as run_sweep
+        rows = run_sweep(bundle, [b.strip() for b in sweep.split(",") if b.strip()], threads=threads,
+                         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat, expert_policy=expert_policy)
+        if as_json:
+            print(json.dumps(rows))
+            return
+        print(f"{'budget':>9} {'decode tok/s':>12} {'prompt tok/s':>12} {'peak RSS MB':>11} {'experts':>9} "
+              f"{'hit rate':>8} {'MB read/tok':>11} {'stall ms/tok':>12}")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['budget']:>9}  {r['error']}")
+                continue
+            e = r["experts"] or {}
+            print(f"{r['budget']:>9} {r['decode_tok_s']:>12.1f} {r['prompt_tok_s']:>12.1f} {r['peak_rss_mb']:>11.0f} "
+                  f"{e.get('capacity', 0):>4}/{e.get('total', 0):<4} {e.get('hit_rate', 0):>8.1%} "
+                  f"{e.get('mb_read_per_token', 0):>11.1f} {e.get('stall_ms_per_token', 0):>12.1f}")
+        try:
+            plot_sweep(rows, plot)
+            print(f"plot: {plot}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return
     r = run_bench(bundle, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
                   memory_budget=memory_budget, expert_policy=expert_policy)
     if as_json:

@@ -150,14 +150,19 @@ class MoEDecoder:
     def _plan(self, bundle: Bundle, budget: int, policy: str) -> MemoryPlan:
         """Size the expert cache so that the whole process stays under `budget` bytes."""
         base = status().get("VmRSS", 0)
+        base_anon = status().get("RssAnon", 0)
         kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
-        n = self.moe.num_experts                       # build one layer's experts and measure what they hold
+        n = self.moe.num_experts      # build one layer's experts, run them as prefill and decode do, measure
         probe = ExpertCache(bundle, capacity=n, policy="lru")
+        io, oo = self.moe.expert_input, self.moe.expert_output
         for e in range(n):
-            probe.get(0, e)
-        # one layer's experts under-read the steady state (per-session costs grow as sessions
-        # accumulate: ~1.5 vs ~2.0 MB on SmolMoE int4), hence the margin
-        per_expert = int(max(1.35 * (status().get("VmRSS", 0) - base) / n, max(x.size for x in self.moe.experts)))
+            sess = probe.get(0, e)
+            for rows in (PREFILL_CHUNK, 1):
+                sess.run([oo], {io: np.zeros((rows, self.hidden), np.float32)})
+        anon = status().get("RssAnon", 0)
+        # a few sessions under-read the steady state (per-session costs grow as sessions
+        # accumulate), hence the margin
+        per_expert = int(max(1.35 * (anon - base_anon) / n, max(x.size for x in self.moe.experts)))
         probe.close()
         del probe
         free = budget - base - kv - HEADROOM - 2 * per_expert     # room for experts that run once

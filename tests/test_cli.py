@@ -46,3 +46,11 @@ def test_errors_are_one_line(tmp_path):
 def test_bad_option_values(tiny_bundle):
     r = edge_cli("run", tiny_bundle("llama"), "hi", "--temperature", "-2")
     assert r.returncode == 1 and "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_sweep_runs_each_budget(tiny_bundle, tmp_path):
+    r = edge_cli("bench", tiny_bundle("mixtral", "int4"), "--sweep", "1MB,64GB", "--prompt-tokens", "8",
+                 "--gen-tokens", "8", "--repeat", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert "too small" in rows[0]["error"] and rows[1]["experts"]["hit_rate"] > 0
