@@ -72,4 +72,5 @@ def test_chat_loop_reads_turns_until_an_empty_line(tiny_bundle):
     r = subprocess.run([sys.executable, "-m", "edge", "chat", str(dst), "-n", "4"], input="hi\n/reset\nagain\n\n",
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("> ") == 3          # two turns answered, then the empty line ends it
+    # a prompt for each of the 4 lines; replies end in a newline after "hi" and "again" only
+    assert r.stdout.count("> ") == 4 and r.stdout.count("\n") == 2
