@@ -52,8 +52,6 @@ def session_options(threads: int) -> ort.SessionOptions:
     use_global_pool(threads)
     so = pooled_options()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
     return so
 
 

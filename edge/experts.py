@@ -31,14 +31,13 @@ from .errors import BundleError
 from .memory import release_range
 
 
-
 @dataclass
 class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     bytes_read: int = 0
-    read_s: float = 0.0          # time in pread
+    read_s: float = 0.0          # time reading blobs from disk
     build_s: float = 0.0         # time creating sessions (prepacking)
 
     @property
@@ -164,15 +163,18 @@ class ExpertCache:
                 if len(mine) >= self.quota[layer]:
                     victim = min(mine, key=lambda e: row[e]) if mine else None
                     if victim is None or row[victim] >= row[expert]:
-                        item = self._build(self._read(key))      # not worth a slot: run once, drop
-                        self._release(key)
-                        return item
+                        return self._load(key)                   # not worth a slot: run once, drop
                     self._evict((layer, victim))
-            item = self._build(self._read(key))
-            self._release(key)
+            item = self._load(key)
             self.cache[key] = item
             self.per_layer[layer].add(expert)
             return item
+
+    def _load(self, key) -> _Expert:
+        """Read the expert, build its session, then drop the blob's pages (onnxruntime has its copy)."""
+        item = self._build(self._read(key))
+        self._release(key)
+        return item
 
     def _evict(self, key) -> None:
         del self.cache[key]

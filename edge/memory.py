@@ -26,12 +26,18 @@ def status() -> dict[str, int]:
         return {}
 
 
-def release_file_pages(path: str | os.PathLike) -> int:
-    """madvise(MADV_DONTNEED) every mapping of `path` in this process; returns how many."""
-    if not sys.platform.startswith("linux"):
-        return 0
+def _dontneed(start: int, length: int) -> bool:
+    """madvise(MADV_DONTNEED) on [start, start + length) (start page-aligned): clean file pages
+    leave this process's RSS and fault back in from the page cache if read again."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, length, _MADV_DONTNEED) == 0
+
+
+def release_file_pages(path: str | os.PathLike) -> int:
+    """Drop every mapping of `path` in this process from RSS; returns how many."""
+    if not sys.platform.startswith("linux"):
+        return 0
     target = os.path.realpath(path)
     n = 0
     with open("/proc/self/maps") as f:
@@ -39,18 +45,14 @@ def release_file_pages(path: str | os.PathLike) -> int:
             parts = line.split(maxsplit=5)
             if len(parts) == 6 and parts[5].strip() == target and parts[1].startswith("r"):
                 start, end = (int(x, 16) for x in parts[0].split("-"))
-                if libc.madvise(start, end - start, _MADV_DONTNEED) == 0:   # clean file pages: safe to drop
-                    n += 1
+                n += _dontneed(start, end - start)
     return n
 
 
 def release_range(array, offset: int, size: int) -> bool:
-    """madvise(MADV_DONTNEED) the pages of a memory-mapped numpy array's byte range [offset, offset+size)."""
+    """Drop the pages of a memory-mapped numpy array's byte range [offset, offset+size) from RSS."""
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = os.sysconf("SC_PAGE_SIZE")
     start = array.ctypes.data + offset
-    aligned = start - start % page
-    return libc.madvise(aligned, size + (start - aligned), _MADV_DONTNEED) == 0
+    aligned = start - start % os.sysconf("SC_PAGE_SIZE")
+    return _dontneed(aligned, size + (start - aligned))

@@ -19,16 +19,12 @@ from .memory import release_file_pages, status
 
 
 def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax over experts, top-k: (expert ids [T, k], weights [T, k]) for router logits [T, E].
-    Ties go to the lower expert id, as torch.topk does."""
-    z = logits.astype(np.float32)
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    """Softmax over experts, top-k: (expert ids [T, k], weights [T, k]) for fp32 router logits [T, E].
+    Ties go to the lower expert id, as torch.topk does. Runs once per layer per token: kept lean."""
+    p = np.exp(logits - logits.max(-1, keepdims=True))
     ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]                 # [T, k]
-    w = np.take_along_axis(p, ids, -1)
-    if normalize:
-        w = w / w.sum(-1, keepdims=True)
-    return ids, w.astype(np.float32)
+    w = p[np.arange(len(p))[:, None], ids]                                   # [T, k]
+    return ids, w / (w if normalize else p).sum(-1, keepdims=True)
 
 
 class _Stage:
@@ -217,13 +213,11 @@ class MoEDecoder:
             self._bind_decode()
         self._ids1[0, 0] = token
         b, K, norm = self._b, self.moe.top_k, self.moe.normalize_topk
-        hidden, logits = b["hidden"][0, 0], b["logits"][0, 0]
+        hidden, logits = b["hidden"][0, 0], b["logits"][0]                   # logits [1, E]
         for layer, st in enumerate(self.stages[:-1]):
             st.session.run_with_iobinding(st.io)
-            z = logits - logits.max()
-            p = np.exp(z)
-            top = np.argsort(-p, kind="stable")[:K]
-            w = p[top] / (p[top].sum() if norm else p.sum())
+            top, w = route(logits, K, norm)
+            top, w = top[0], w[0]
             for k in range(K):
                 self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)
             np.multiply(self._y[0][0], w[0], out=hidden)

