@@ -236,13 +236,13 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
                 print(f"{t.name:<28} {'x'.join(map(str, t.shape)):<14} {t.dtype:<8} {t.block_size or '':>5} "
                       f"{t.max_rel_err:>9.5f} {t.rms_rel_err:>9.5f}")
     if problems:
-        raise typer.Exit(1)
+        raise EdgeError(f"{bundle} failed verification: " + "; ".join(problems) + ": export or copy it again")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        rc = app(args=argv, standalone_mode=False)     # a typer.Exit(n) comes back as n here
+        return rc if isinstance(rc, int) else 0
     except EdgeError as e:
         if _state["debug"]:
             traceback.print_exc()

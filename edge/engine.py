@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle
-from .errors import ConfigError, ContextError
+from .errors import BundleError, ConfigError, ContextError
 from .manifest import GraphSpec
 from .memory import release_file_pages
 
@@ -55,6 +55,16 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
+def open_session(path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A CPU session for a bundle graph; onnxruntime refusing it (a hostile external-data path, a
+    damaged graph) is a BundleError naming the file."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/RuntimeError types
+        reason = str(e).replace("\n", " ").split("] : ", 1)[-1][:300]
+        raise BundleError(f"onnxruntime cannot load {path}: {reason}") from None
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -85,8 +95,7 @@ class Decoder:
         self.spec = g
         self.context_length = context_length
         self.vocab_size = bundle.manifest.model.vocab_size
-        self.session = ort.InferenceSession(str(bundle.path(g.file)), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_session(bundle.path(g.file), session_options(threads))
         for f in bundle.manifest.files:     # pages read while prepacking weights are never read again
             if f.path.endswith((".data", ".bin")):
                 release_file_pages(bundle.path(f.path))

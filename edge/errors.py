@@ -9,7 +9,7 @@ class BundleError(EdgeError):
     """The bundle is missing, corrupt, truncated, unsafe or of another format version."""
 
 
-class ConfigError(EdgeError):
+class ConfigError(EdgeError, ValueError):
     """A config, manifest or argument has a wrong, missing or unknown field."""
 
 

@@ -16,7 +16,6 @@ memory and wake-up latency for hundreds of small sessions.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -26,9 +25,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle
-from .engine import pooled_options
-from .errors import BundleError
-from .memory import release_range
+from .engine import open_session, pooled_options
+from .errors import ConfigError
+from .storage import BlobReader
 
 
 @dataclass
@@ -51,7 +50,7 @@ class _Expert:
 
     def __init__(self, session, keep):
         self.session = session
-        self.keep = keep          # the blob and its OrtValues: onnxruntime may point into them
+        self.keep = keep          # the session options and initializer OrtValues
         self.bound = {}           # (x buffer id, y buffer id) -> IOBinding for one-token steps
 
 
@@ -63,12 +62,10 @@ class ExpertCache:
         moe = bundle.manifest.moe
         self.moe = moe
         self.graph_path = str(bundle.path(moe.expert_graph))
-        self.file = bundle.path(moe.expert_file)
-        self.fd = os.open(self.file, os.O_RDONLY)
-        self.map = np.memmap(self.file, dtype=np.uint8, mode="r")
         self.entries = {(x.layer, x.expert): x for x in moe.experts}
+        self.reader = BlobReader(bundle.path(moe.expert_file), max(x.size for x in moe.experts))
         if policy not in POLICIES:
-            raise ValueError(f"unknown expert cache policy {policy!r} (choose from {', '.join(POLICIES)})")
+            raise ConfigError(f"unknown expert cache policy {policy!r} (choose from {', '.join(POLICIES)})")
         self.policy = policy
         self.capacity = capacity                  # experts held at once
         self.cache: OrderedDict[tuple[int, int], _Expert] = OrderedDict()
@@ -82,10 +79,7 @@ class ExpertCache:
 
     def close(self) -> None:
         self.cache.clear()
-        self.map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.reader.close()
 
     def __del__(self):
         try:
@@ -94,37 +88,25 @@ class ExpertCache:
             pass
 
     def _read(self, key) -> np.ndarray:
-        """The expert's blob as a view of the mapped expert file, its pages read in now."""
+        """The expert's blob, read from disk now into the reader's buffer (reused by the next read)."""
         e = self.entries[key]
-        if e.offset + e.size > self.map.size:
-            raise BundleError(f"expert {key[0]}.{key[1]} lies past the end of {self.file.name} (offset {e.offset}, "
-                              f"{e.size} bytes, file {self.map.size}); the bundle is truncated")
         t0 = time.perf_counter()
-        blob = self.map[e.offset:e.offset + e.size]
-        os.posix_fadvise(self.fd, e.offset, e.size, os.POSIX_FADV_WILLNEED)
-        int(blob[::4096].sum())                                     # fault every page in: the read
+        blob = self.reader.read(e.offset, e.size, what=f"expert {key[0]}.{key[1]}")
         self.stats.read_s += time.perf_counter() - t0
         self.stats.bytes_read += e.size
         return blob
 
-    def _release(self, key) -> None:
-        """Drop the blob's pages from this process and from the page cache: onnxruntime has its own
-        prepacked copy, and the next miss on this expert must really read the disk."""
-        e = self.entries[key]
-        release_range(self.map, e.offset, e.size)
-        os.posix_fadvise(self.fd, e.offset, e.size, os.POSIX_FADV_DONTNEED)
-
     def _build(self, blob: np.ndarray) -> _Expert:
         so = pooled_options()
-        keep = [blob, so]
+        keep = [so]
         for t in self.moe.expert_tensors:
             nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
             view = blob[t.offset:t.offset + nbytes].view(t.dtype).reshape(t.shape)
             value = ort.OrtValue.ortvalue_from_numpy(view)
-            keep.append(value)                                   # must outlive the session
+            keep.append(value)                      # onnxruntime holds the name until it prepacks
             so.add_initializer(t.name, value)
         t0 = time.perf_counter()
-        s = ort.InferenceSession(self.graph_path, so, providers=["CPUExecutionProvider"])
+        s = open_session(self.graph_path, so)
         self.stats.build_s += time.perf_counter() - t0
         return _Expert(s, keep)
 
@@ -171,10 +153,9 @@ class ExpertCache:
             return item
 
     def _load(self, key) -> _Expert:
-        """Read the expert, build its session, then drop the blob's pages (onnxruntime has its copy)."""
-        item = self._build(self._read(key))
-        self._release(key)
-        return item
+        """Read the expert and build its session. Prepacking copies every weight, so the read
+        buffer is free for the next miss as soon as the session exists (a test checks this)."""
+        return self._build(self._read(key))
 
     def _evict(self, key) -> None:
         del self.cache[key]

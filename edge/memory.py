@@ -47,12 +47,3 @@ def release_file_pages(path: str | os.PathLike) -> int:
                 start, end = (int(x, 16) for x in parts[0].split("-"))
                 n += _dontneed(start, end - start)
     return n
-
-
-def release_range(array, offset: int, size: int) -> bool:
-    """Drop the pages of a memory-mapped numpy array's byte range [offset, offset+size) from RSS."""
-    if not sys.platform.startswith("linux"):
-        return False
-    start = array.ctypes.data + offset
-    aligned = start - start % os.sysconf("SC_PAGE_SIZE")
-    return _dontneed(aligned, size + (start - aligned))

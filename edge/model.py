@@ -89,29 +89,30 @@ class Model:
         return self.text.encode(prompt)
 
     # -- generation ----------------------------------------------------------------------------
-    def generate(self, prompt: str, **sampling) -> str:
-        return "".join(self.stream(prompt, **sampling))
+    def generate(self, prompt: str, *, cancel: threading.Event | None = None, **sampling) -> str:
+        return "".join(self.stream(prompt, cancel=cancel, **sampling))
 
-    def chat(self, messages: list[dict], *, stream: bool = False, **sampling):
+    def chat(self, messages: list[dict], *, stream: bool = False, cancel: threading.Event | None = None, **sampling):
         """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) with the model's chat template."""
         prompt = self.text.render_chat(messages, add_generation_prompt=True)
-        it = self.stream(prompt, **sampling)
+        it = self.stream(prompt, cancel=cancel, **sampling)
         return it if stream else "".join(it)
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
-        """Yield text pieces as they decode."""
+    def stream(self, prompt: str, *, cancel: threading.Event | None = None, **sampling) -> Iterator[str]:
+        """Yield text pieces as they decode. Setting `cancel` (from any thread) ends the generation
+        before its next step, as closing the iterator does; finish_reason is then "cancelled"."""
         params = self.params(**sampling)
         ids = self.encode(prompt)
-        return self._stream(ids, params)
+        return self._stream(ids, params, cancel)
 
-    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def _stream(self, ids: list[int], params: SamplingParams, cancel) -> Iterator[str]:
         detok = StreamDecoder(self.text)
         stops = StopStrings(params.stop)
         with self._lock:
             stats = GenerationStats(prompt_tokens=len(ids), finish_reason="cancelled")
             self.last_stats = stats
             try:
-                for token in self._tokens(ids, params, stats):
+                for token in self._tokens(ids, params, stats, cancel):
                     piece, stopped = stops.feed(detok.push(token))
                     if piece:
                         yield piece
@@ -124,18 +125,18 @@ class Model:
             finally:
                 self.decoder.reset()
 
-    def generate_ids(self, ids: list[int], **sampling) -> list[int]:
+    def generate_ids(self, ids: list[int], *, cancel: threading.Event | None = None, **sampling) -> list[int]:
         """Token ids in, generated token ids out (no detokenisation, no stop strings)."""
         params = self.params(**sampling)
         with self._lock:
             stats = GenerationStats(prompt_tokens=len(ids))
             self.last_stats = stats
             try:
-                return list(self._tokens(list(ids), params, stats))
+                return list(self._tokens(list(ids), params, stats, cancel))
             finally:
                 self.decoder.reset()
 
-    def _tokens(self, ids: list[int], params: SamplingParams, stats: GenerationStats) -> Iterator[int]:
+    def _tokens(self, ids: list[int], params: SamplingParams, stats: GenerationStats, cancel=None) -> Iterator[int]:
         if not ids:
             raise ConfigError("the prompt is empty")
         if len(ids) >= self.context_length:
@@ -150,6 +151,9 @@ class Model:
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0
         for n in range(params.max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                stats.finish_reason = "cancelled"
+                return
             token = sample(logits, history)
             stats.generated_tokens = n + 1
             if token in self.eos:
@@ -200,6 +204,9 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
     ctx = context_length or min(bundle.manifest.model.max_context, 4096)
     if expert_capacity is not None and bundle.manifest.moe is not None and expert_capacity < bundle.manifest.moe.top_k:
         raise ConfigError(f"expert_capacity must hold at least one token's experts ({bundle.manifest.moe.top_k})")
+    from .experts import POLICIES
+    if expert_policy not in POLICIES:
+        raise ConfigError(f"unknown expert policy {expert_policy!r}; choose one of {', '.join(POLICIES)}")
     if memory_budget is not None and bundle.manifest.moe is None:
         raise ConfigError("memory_budget applies to Mixture-of-Experts bundles; a dense model is loaded whole")
     return Model(bundle, threads=threads or default_threads(), context_length=ctx, expert_capacity=expert_capacity,

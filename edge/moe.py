@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle
-from .engine import check_context_length, pooled_options, step_ids, use_global_pool
+from .engine import check_context_length, open_session, pooled_options, step_ids, use_global_pool
 from .experts import ExpertCache
 from .errors import BudgetError, ConfigError
 from .memory import release_file_pages, status
@@ -32,7 +32,7 @@ class _Stage:
 
     def __init__(self, spec, path: str, kv: tuple[np.ndarray, np.ndarray] | None):
         self.spec = spec
-        self.session = ort.InferenceSession(path, pooled_options(), providers=["CPUExecutionProvider"])
+        self.session = open_session(path, pooled_options())
         self.io = self.session.io_binding()
         if kv is not None:
             for role, arr in zip(("key", "value"), kv):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -26,11 +28,11 @@ class QuantScheme:
 
     def __post_init__(self):
         if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {self.bits}")
+            raise ConfigError(f"bits must be 4 or 8, not {self.bits}")
         if self.block_size not in (16, 32, 64, 128, 256):
-            raise ValueError(f"block_size must be one of 16, 32, 64, 128, 256, not {self.block_size}")
+            raise ConfigError(f"block_size must be one of 16, 32, 64, 128, 256, not {self.block_size}")
         if self.method != "rtn":
-            raise ValueError(f"unknown quantization method {self.method!r} (supported: rtn)")
+            raise ConfigError(f"unknown quantization method {self.method!r} (supported: rtn)")
 
     @property
     def dtype(self) -> str:

@@ -55,9 +55,13 @@ class HFFolder:
             if not path.is_file():
                 raise EdgeError(f"the checkpoint index names {f}, which is missing from {root}")
             header_len, header = _safetensors_header(path)
+            size = path.stat().st_size
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
+                if 8 + header_len + meta["data_offsets"][1] > size:
+                    raise EdgeError(f"{path} is truncated: tensor {name} ends at byte "
+                                    f"{8 + header_len + meta['data_offsets'][1]} but the file has {size}")
                 self._where[name] = (path, dict(meta, base=8 + header_len))
                 self.dtypes.add(meta["dtype"])
 

@@ -1,5 +1,6 @@
 """The Python API on a tiny model: generate / stream / chat, stops, limits, errors, threads."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -76,6 +77,19 @@ def test_closing_a_stream_frees_the_model(model):
     next(it)
     it.close()
     assert model.last_stats.finish_reason == "cancelled" and model.decoder.position == 0
+    assert model.generate("hello", max_new_tokens=3) is not None
+
+
+def test_a_stop_event_cancels_from_another_thread(model):
+    cancel = threading.Event()
+    pieces = []
+    for piece in model.stream("hello", max_new_tokens=50, cancel=cancel, temperature=0):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            threading.Thread(target=cancel.set).start()
+            time.sleep(0.05)
+    assert len(pieces) == 3 and model.last_stats.finish_reason == "cancelled" and model.decoder.position == 0
+    assert model.generate_ids([1, 2, 3], max_new_tokens=5, cancel=cancel) == []    # already set: nothing runs
     assert model.generate("hello", max_new_tokens=3) is not None
 
 

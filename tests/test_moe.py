@@ -1,9 +1,12 @@
 """Mixture-of-Experts: tiny Mixtral equals transformers (test_tiny_models), greedy output under a
 small expert cache equals the all-resident run, and the real SmolMoE-8x135M equals transformers."""
+import os
+
 import numpy as np
 import pytest
 
 import edge
+from edge.errors import BundleError
 from edge.moe import route
 
 
@@ -147,9 +150,42 @@ def test_lfu_beats_lru_on_skewed_cyclic_routing(tiny_bundle, monkeypatch):
         c = ExpertCache(b, capacity=2, policy=policy)
         monkeypatch.setattr(c, "_read", lambda key: None)
         monkeypatch.setattr(c, "_build", lambda blob: object.__new__(type("Item", (), {"bound": {}})))
-        monkeypatch.setattr(c, "_release", lambda key: None)
         for layer, e in trace:
             c._get(layer, e)
         rates[policy] = c.stats.hit_rate
         assert len(c.cache) <= 2
     assert rates["lfu"] > rates["lru"] + 0.10, rates
+
+
+def test_expert_read_buffer_is_free_once_the_session_exists(tiny_bundle):
+    """The cache reuses one read buffer: onnxruntime must not read the blob after prepacking."""
+    from edge.bundle import open_bundle
+    from edge.engine import default_threads, use_global_pool
+    from edge.experts import ExpertCache
+    use_global_pool(default_threads())
+    b = open_bundle(tiny_bundle("mixtral", "int4"))
+    c = ExpertCache(b, capacity=4, policy="lru")
+    x = np.random.default_rng(0).standard_normal((3, b.manifest.model.hidden_size)).astype(np.float32)
+    s = c.get(0, 1)
+    want = s.run(None, {b.manifest.moe.expert_input: x})[0]
+    c.reader.buf[:] = 0x5A                                       # scribble over the blob it was built from
+    assert np.array_equal(s.run(None, {b.manifest.moe.expert_input: x})[0], want)
+    c.get(0, 2)                                                  # the next miss overwrites it for real
+    assert np.array_equal(s.run(None, {b.manifest.moe.expert_input: x})[0], want)
+
+
+def test_short_expert_read_names_file_and_offset(tiny_bundle, tmp_path):
+    """A bundle truncated after load (or a failing disk) is a clear error, not SIGBUS."""
+    import shutil
+    src = tiny_bundle("mixtral", "int4")
+    dst = tmp_path / "b"
+    shutil.copytree(src, dst)
+    m = edge.load(dst, threads=1, context_length=32, expert_capacity=2)
+    experts = dst / m.manifest.moe.expert_file
+    last = max(m.manifest.moe.experts, key=lambda e: e.offset)
+    os.truncate(experts, last.offset + 10)
+    m.decoder.experts.reader.file_size = last.offset + last.size         # as checked when it was opened
+    with pytest.raises(BundleError, match=rf"offset {last.offset}.*{experts.name}"):
+        for layer in range(m.manifest.model.num_layers):
+            for e in range(m.manifest.moe.num_experts):
+                m.decoder.experts.get(layer, e)
