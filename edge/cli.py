@@ -1,4 +1,4 @@
-"""The `edge` command: export, run, chat, bench, inspect."""
+"""The `edge` command: export, run, chat, bench, inspect (devices and plan: cli_devices.py)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from .cli_devices import apply_device, devices_app, plan_command, run_emulated
 from .errors import EdgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -37,13 +38,21 @@ _THREADS = typer.Option(None, help="CPU threads (default: all available cores)."
 _CTX = typer.Option(None, "--context", help="Context window in tokens (default: min(model max, 4096)).")
 _BUDGET = typer.Option(None, "--memory-budget", help="MoE models: most memory the process may use, e.g. 300MB.")
 _POLICY = typer.Option("lfu", "--expert-policy", help="MoE models: expert cache policy, lfu or lru.")
+_DEVICE = typer.Option(None, "--device", help="Plan threads, context and memory budget for a device profile "
+                       "(see `edge devices list`), or 'host'.")
+_EMULATE = typer.Option(None, "--emulate", help="Run inside cgroups shaped like this device (RAM, storage "
+                        "speed, cores; needs root); implies --device.")
 
 
 @app.command()
 def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf file, or hub id."),
            out: str = typer.Option(..., "-o", "--out", help="Bundle folder to write."),
-           quant: str = typer.Option("int4", help="fp32 | int8 | int4 for the linear layers."),
-           block_size: int = typer.Option(32, help="Quantization block size: 16, 32, 64, 128, 256."),
+           quant: Optional[str] = typer.Option(None, help="fp32 | int8 | int4 for the linear layers (default: int4, "
+                                               "or chosen for --device)."),
+           block_size: Optional[int] = typer.Option(None, help="Quantization block size: 16, 32, 64, 128, 256 "
+                                                    "(default 32)."),
+           device: Optional[str] = typer.Option(None, "--device", help="Choose quantization defaults for a device "
+                                                "profile (see `edge devices list`)."),
            asymmetric: bool = typer.Option(False, "--asymmetric", help="Use zero points (asymmetric quantization)."),
            embed_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)."),
            lm_head_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (same as --quant)."),
@@ -55,6 +64,14 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
         from export import ExportOptions, export_model
     except ImportError as e:
         raise EdgeError(f"the exporter needs extra packages ({e.name} is missing): pip install 'edge[export]'") from None
+    if device and (quant is None or block_size is None):
+        from export.for_device import device_defaults
+        from export.sources import open_source
+        from .cli_devices import resolve_device
+        q, bs, why = device_defaults(open_source(src).config, resolve_device(device))
+        quant, block_size = quant or q, block_size or bs
+        print(f"[{why}; block size {block_size}]", file=sys.stderr)
+    quant, block_size = quant or "int4", block_size or 32
     opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, embed_quant=embed_quant,
                          lm_head_quant=lm_head_quant, max_context=max_context)
     r = export_model(src, out, opts, force=force)
@@ -82,11 +99,16 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
         top_k: Optional[int] = _TOPK, top_p: Optional[float] = _TOPP, min_p: Optional[float] = _MINP,
         repetition_penalty: Optional[float] = _REP, seed: Optional[int] = _SEED, stop: Optional[List[str]] = _STOP,
         threads: Optional[int] = _THREADS, context: Optional[int] = _CTX, memory_budget: Optional[str] = _BUDGET,
-        expert_policy: str = _POLICY,
+        expert_policy: str = _POLICY, device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
         stats: bool = typer.Option(False, "--stats", help="Print speed after the text.")):
     """Generate from a prompt, streaming to the terminal."""
     from .model import load
+    if emulate:
+        raise typer.Exit(run_emulated(emulate, bundle, _state["argv"], as_json=False))
+    if device:
+        threads, context, memory_budget = apply_device(bundle, device, threads=threads, context=context,
+                                                       memory_budget=memory_budget)
     model = load(bundle, threads=threads, context_length=context, memory_budget=memory_budget,
                  expert_policy=expert_policy)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
@@ -143,6 +165,7 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
           gen_tokens: int = typer.Option(128, help="Tokens to decode."),
           repeat: int = typer.Option(3, help="Timed runs (median reported) after one warm-up."),
           memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY,
+          device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
           sweep: Optional[str] = typer.Option(None, "--sweep", help="MoE: comma-separated budgets to run in turn, "
                                               "e.g. 350MB,450MB,700MB (each in a fresh process)."),
           plot: str = typer.Option("sweep.png", "--plot", help="With --sweep: PNG of tok/s and hit rate vs budget."),
@@ -150,6 +173,11 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
     """Measure load time, time to first token, prompt and decode speed, peak RSS (and, for MoE
     models, the expert cache: hit rate, bytes read per token, time stalled on misses)."""
     from .bench import bench as run_bench
+    if emulate:
+        raise typer.Exit(run_emulated(emulate, bundle, _state["argv"], as_json=as_json))
+    if device:
+        threads, _, memory_budget = apply_device(bundle, device, threads=threads, context=prompt_tokens + gen_tokens,
+                                                 memory_budget=memory_budget)
     if sweep:
         from .bench import plot_sweep
         from .bench import sweep as run_sweep
@@ -239,7 +267,12 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
         raise EdgeError(f"{bundle} failed verification: " + "; ".join(problems) + ": export or copy it again")
 
 
+app.add_typer(devices_app, name="devices")
+app.command("plan")(plan_command)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _state["argv"] = list(sys.argv[1:] if argv is None else argv)
     try:
         rc = app(args=argv, standalone_mode=False)     # a typer.Exit(n) comes back as n here
         return rc if isinstance(rc, int) else 0

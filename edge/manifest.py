@@ -66,6 +66,7 @@ class GraphSpec:
     kv_num_heads: int
     kv_head_dim: int
     kv_dtype: str                # "float32"
+    data: tuple[str, ...] = ()   # the external-data files its weights live in (memory planning)
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,21 @@ def release_file_pages(path: str | os.PathLike) -> int:
                 start, end = (int(x, 16) for x in parts[0].split("-"))
                 n += _dontneed(start, end - start)
     return n
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory(threshold: int = 256 << 10) -> bool:
+    """glibc: serve every allocation of `threshold` bytes or more from its own mapping, returned to
+    the OS when freed. glibc otherwise raises that threshold after the first large free, and the
+    prepacked weights of evicted expert sessions then stay in its heap as free but resident memory
+    (SmolMoE int4 under a 720 MB budget: RSS 755 MB, of which 124 MB free heap; with this: 620 MB).
+    Process-wide; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):          # musl and others have no mallopt
+        return False

@@ -217,7 +217,8 @@ def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray],
     spec = GraphSpec(file="model.onnx", input_ids=ids, seqlens_k=step.seqlens_k, total_sequence_length=step.total,
                      logits_positions=positions, logits="logits", kv_num_heads=s.num_kv_heads, kv_head_dim=s.head_dim,
                      kv_dtype="float32", past_keys=tuple(k[0] for k in kvs), past_values=tuple(k[1] for k in kvs),
-                     present_keys=tuple(k[2] for k in kvs), present_values=tuple(k[3] for k in kvs))
+                     present_keys=tuple(k[2] for k in kvs), present_values=tuple(k[3] for k in kvs),
+                     data=(g.data.path.name,))
     return spec, em.entries, em.num_parameters
 
 

@@ -190,11 +190,13 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                      total_sequence_length="total_sequence_length", logits_positions=positions, logits="logits",
                      kv_num_heads=s.num_kv_heads, kv_head_dim=s.head_dim, kv_dtype="float32",
                      past_keys=tuple(k[0] for k in kvs), past_values=tuple(k[1] for k in kvs),
-                     present_keys=tuple(k[2] for k in kvs), present_values=tuple(k[3] for k in kvs))
+                     present_keys=tuple(k[2] for k in kvs), present_values=tuple(k[3] for k in kvs),
+                     data=("stages.onnx.data",))
     moe_spec = MoESpec(stages=tuple(stages), expert_graph="expert.onnx", expert_input="x", expert_output="y",
                        expert_file="experts.bin", expert_tensors=layout, experts=tuple(experts),
                        num_experts=moe.num_experts, top_k=moe.top_k, normalize_topk=moe.normalize_topk,
-                       fused=dataclasses.replace(spec, file="fused.onnx") if fusable else None)
+                       fused=dataclasses.replace(spec, file="fused.onnx", data=("stages.onnx.data", "experts.fused.bin"))
+                       if fusable else None)
     return spec, moe_spec, entries, n_params, files
 
 

@@ -1,0 +1,120 @@
+"""What fits on a device: `plan(manifest, device, context)` -> Plan.
+
+Estimated from the manifest alone (no model is loaded, so it works for a target board from the dev
+machine). The resident costs below were measured on x86-64 with onnxruntime 1.32 (SmolMoE-8x135M
+int4: dense part 140 MB for 66 MB of stage weights, 2.5 MB per cached expert for 1.6 MB blobs);
+ARM kernels pack differently, so treat them as estimates. At run time the MoE budget planner
+(edge/moe.py) measures the real costs on the device and sizes the expert cache so that the budget
+holds whatever these estimates said.
+
+    budget        = min(device RAM - OS headroom, what the whole model needs)
+    expert cache  = (budget - dense part - KV cache - headroom) / cost per cached expert
+    decode speed  = reference decode on this class of model x the device's CPU factor, minus the
+                    time to read missed experts at the device's storage speed (a range: routing
+                    with no locality .. the locality SmolMoE's trained routers show)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .devices import Device
+from .errors import BudgetError
+from .manifest import Manifest
+
+RUNTIME_MB = 56              # python + onnxruntime + numpy + tokenizers, imported (VmRSS)
+DENSE_FACTOR = 1.1           # resident bytes per byte of dense (stage) weights after prepacking
+TOKENIZER_FACTOR = 4.0       # the tokenizers library's memory per byte of tokenizer.json
+EXPERT_FACTOR = 1.6          # resident bytes per byte of an expert blob (int4 is repacked on load)
+HEADROOM_MB = 48             # activations and arenas (edge/moe.py HEADROOM)
+REF_GB_S = 21.0              # reference host: weight bytes streamed per second of decode (SmolMoE int4:
+                             # 165 MB of active weights per token at ~130 tok/s)
+MiB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    context: int
+    threads: int
+    usable_mb: float              # device RAM - OS headroom
+    dense_mb: float               # weights outside the experts, runtime, tokenizer
+    kv_cache_mb: float            # at the full context
+    headroom_mb: float
+    per_expert_mb: float          # MoE: one cached expert
+    experts_total: int
+    experts_cached: int
+    need_all_mb: float            # everything resident
+    budget_mb: float              # what `edge run --device` passes as memory_budget (MoE) or must fit (dense)
+    decode_tok_s: tuple[float, float] | None    # (low, high) estimate, None without a speed factor
+    notes: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def memory_budget(self) -> str:
+        return f"{int(self.budget_mb)}MB"
+
+
+def _mb(nbytes: float) -> float:
+    return round(nbytes / MiB, 1)
+
+
+def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
+    ctx = min(context or 4096, m.model.max_context)
+    g = m.graph
+    kv = 2 * len(g.past_keys) * g.kv_num_heads * g.kv_head_dim * ctx * 4
+    sizes = {f.path: f.size for f in m.files}
+    moe = m.moe
+    if moe is not None:           # under a budget the staged path runs: stage graphs + their data
+        graph_files = [st.file for st in moe.stages]
+    else:
+        graph_files = [g.file]
+    weights = sum(sizes.get(p, 0) for p in (*graph_files, *g.data))
+    if not g.data:                # older bundles do not name their data files: count all but the expert store
+        skip = {m.tokenizer.file, m.tokenizer.chat_template} | ({moe.expert_file} if moe else set())
+        weights = sum(s for p, s in sizes.items() if p not in skip)
+    tok = sizes.get(m.tokenizer.file, 0)
+    dense = RUNTIME_MB * MiB + DENSE_FACTOR * weights + TOKENIZER_FACTOR * tok
+    per_expert = EXPERT_FACTOR * max((x.size for x in moe.experts), default=0) if moe else 0.0
+    n_experts = len(moe.experts) if moe else 0
+    fixed = dense + kv + HEADROOM_MB * MiB
+    need_all = fixed + per_expert * n_experts
+    usable = device.usable_mb * MiB
+    notes = [] if g.data else ["the manifest names no data files (older export): dense part over-estimated"]
+    if fixed + (2 * per_expert if moe else 0) > usable:
+        raise BudgetError(f"{m.model.architecture} ({m.quant}) does not fit {device.name} at context {ctx}: it needs "
+                          f"at least {_mb(fixed + 2 * per_expert):.0f} MB (dense part {_mb(dense):.0f} + KV cache "
+                          f"{_mb(kv):.0f} + headroom {HEADROOM_MB}) but the device leaves {device.usable_mb} MB "
+                          f"after {device.headroom_mb} MB for the OS; try a shorter --context or a smaller quantization")
+    budget = min(usable, need_all)
+    cached = n_experts if moe is None or budget >= need_all else int((budget - fixed) // per_expert)
+    if moe and cached < n_experts:
+        notes.append(f"{cached} of {n_experts} experts fit ({cached / n_experts:.0%}); misses are read from "
+                     f"{device.storage_kind} at ~{device.storage_read_mb_s:.0f} MB/s")
+    big = max(device.clusters, key=lambda c: (c.ghz, c.count)) if device.clusters else None
+    threads = big.count if big else device.cores
+    speed = _speed(m, device, weights, per_expert / EXPERT_FACTOR if moe else 0, cached, n_experts)
+    if speed is None:
+        notes.append("no decode estimate: the device has no decode_speed_estimate")
+    notes.append("estimates: resident costs were measured on x86-64; the runtime measures them again on the device")
+    return Plan(device=device.name, context=ctx, threads=threads, usable_mb=float(device.usable_mb),
+                dense_mb=_mb(dense), kv_cache_mb=_mb(kv), headroom_mb=float(HEADROOM_MB), per_expert_mb=_mb(per_expert),
+                experts_total=n_experts, experts_cached=cached, need_all_mb=_mb(need_all), budget_mb=_mb(budget),
+                decode_tok_s=speed, notes=tuple(notes))
+
+
+def _speed(m: Manifest, device: Device, dense_bytes: float, blob: float, cached: int, total: int):
+    """(low, high) decode tok/s: compute at the device's speed plus reads of missed experts."""
+    if not device.decode_speed_estimate:
+        return None
+    k = m.moe.top_k * m.model.num_layers if m.moe else 0
+    active = dense_bytes + k * blob
+    compute_s = active / (REF_GB_S * 1e9 * device.decode_speed_estimate)
+    if not total or cached >= total:
+        t = compute_s
+        return (round(0.7 / t, 1), round(1.2 / t, 1))
+    frac = cached / total
+    read = k * blob / (device.storage_read_mb_s * MiB) if device.storage_read_mb_s else 0.0
+    worst, best = 1 - frac, 1 - frac ** 0.5                 # miss rates: no locality .. SmolMoE-like locality
+    return (round(1 / (compute_s + worst * read), 2), round(1 / (compute_s + best * read), 2))

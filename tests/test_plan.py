@@ -1,0 +1,72 @@
+"""`edge plan` and `--device` / `--emulate`: what fits on a board, and runs inside its limits."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge.bundle import open_bundle
+from edge.devices import get
+from edge.errors import BudgetError
+from edge.plan import plan
+
+
+def edge_cli(*args):
+    return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_plan_sizes_the_expert_cache_to_the_device(tiny_bundle, monkeypatch):
+    import math
+    import edge.plan
+    monkeypatch.setattr(edge.plan, "EXPERT_FACTOR", 2000.0)          # tiny experts made MB-sized
+    m = open_bundle(tiny_bundle("mixtral", "int4")).manifest
+    big = plan(m, get("raspberry-pi-5:8gb"), context=64)
+    assert big.experts_cached == big.experts_total and big.budget_mb == big.need_all_mb
+    d = get("raspberry-pi-4:1gb")
+    fixed = big.dense_mb + big.kv_cache_mb + big.headroom_mb
+    small = plan(m, dataclasses.replace(d, ram_mb=d.headroom_mb + math.ceil(fixed + 3.5 * big.per_expert_mb)), context=64)
+    assert small.experts_cached == 3 and small.budget_mb <= small.usable_mb
+    assert small.decode_tok_s[0] <= small.decode_tok_s[1]
+    with pytest.raises(BudgetError, match=r"does not fit .* at least \d+ MB"):
+        plan(m, dataclasses.replace(d, ram_mb=d.headroom_mb + 10), context=64)
+
+
+def test_plan_cli_and_devices_list(tiny_bundle):
+    r = edge_cli("devices", "list")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) >= 7, r.stderr      # header + >= 6 profiles
+    r = edge_cli("plan", tiny_bundle("mixtral", "int4"), "--device", "raspberry-pi-4:1gb", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["device"] == "raspberry-pi-4:1gb:sd" and p["threads"] == 4 and p["budget_mb"] <= 512
+    r = edge_cli("run", tiny_bundle("llama", "int4"), "hi", "-n", "3", "--device", "raspberry-pi-4:1gb")
+    assert r.returncode == 0 and "[device raspberry-pi-4:1gb:sd" in r.stderr, r.stderr
+
+
+needs_cgroups = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(Path(f"/sys/fs/cgroup/{c}").is_dir() for c in ("memory", "blkio", "cpuset")),
+    reason="emulation needs root and cgroup v1 memory, blkio and cpuset controllers")
+
+
+@needs_cgroups
+def test_emulated_limits_are_real(tmp_path):
+    """A process that allocates past the device's memory is killed and the kill is reported."""
+    from edge.emulate import Emulation
+    d = dataclasses.replace(get("raspberry-pi-4:1gb"), ram_mb=512 + 64)         # 64 MB usable
+    with Emulation(d, tmp_path) as em:
+        ok = em.run([sys.executable, "-c", "b = bytearray(16 << 20); b[::4096] = b'x' * len(b[::4096])"])
+        assert ok.returncode == 0 and em.facts()["oom_kills"] == 0
+        bad = em.run([sys.executable, "-c", "b = bytearray(400 << 20); b[::4096] = b'x' * len(b[::4096])"])
+        facts = em.facts()
+    assert bad.returncode != 0 and facts["oom_kills"] >= 1 and facts["memory_limit_mb"] == 64
+
+
+@needs_cgroups
+def test_run_emulated_moe_matches_the_unlimited_run(tiny_bundle):
+    b = tiny_bundle("mixtral", "int4")
+    want = edge_cli("run", b, "hello there", "-n", "6", "--temperature", "0")
+    r = edge_cli("run", b, "hello there", "-n", "6", "--temperature", "0", "--emulate", "raspberry-pi-4:1gb")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.stdout and "0 OOM kills" in r.stderr and "CPU speed is not emulated" in r.stderr
