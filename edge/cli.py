@@ -54,6 +54,11 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
            device: Optional[str] = typer.Option(None, "--device", help="Choose quantization defaults for a device "
                                                 "profile (see `edge devices list`)."),
            asymmetric: bool = typer.Option(False, "--asymmetric", help="Use zero points (asymmetric quantization)."),
+           method: str = typer.Option("rtn", help="rtn (round to nearest) | mse (per-block scale search: "
+                                      "lower error, same size and speed, slower export)."),
+           quant_policy: str = typer.Option("", "--quant-policy", help="Per kind of weight, e.g. "
+                                            "'attention=int8,down=int8,experts=int4/64' (kinds: attention, mlp, "
+                                            "mlp_down, experts, experts_down, down, embed, lm_head)."),
            embed_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)."),
            lm_head_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (same as --quant)."),
            max_context: int = typer.Option(0, help="Cap the context the bundle supports (0: the model's)."),
@@ -72,8 +77,9 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
         quant, block_size = quant or q, block_size or bs
         print(f"[{why}; block size {block_size}]", file=sys.stderr)
     quant, block_size = quant or "int4", block_size or 32
-    opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, embed_quant=embed_quant,
-                         lm_head_quant=lm_head_quant, max_context=max_context)
+    opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, method=method,
+                         embed_quant=embed_quant, lm_head_quant=lm_head_quant, quant_policy=quant_policy,
+                         max_context=max_context)
     r = export_model(src, out, opts, force=force)
     m = r.manifest
     quantized = [t for t in m.tensors if t.dtype != "float32"]
@@ -265,6 +271,43 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
                       f"{t.max_rel_err:>9.5f} {t.rms_rel_err:>9.5f}")
     if problems:
         raise EdgeError(f"{bundle} failed verification: " + "; ".join(problems) + ": export or copy it again")
+
+
+@app.command("eval")
+def eval_(bundle: str, text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file to score."),
+          tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids as little-endian uint16 (.u16)."),
+          context: int = typer.Option(512, "--context", help="Window length in tokens."),
+          stride: Optional[int] = typer.Option(None, "--stride", help="Window step (default: the context; "
+                                               "smaller gives scored tokens more left context)."),
+          max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens."),
+          compare: Optional[List[str]] = typer.Option(None, "--compare", help="More bundles to score on the same "
+                                                      "tokens (repeatable); deltas are against BUNDLE."),
+          threads: Optional[int] = _THREADS, memory_budget: Optional[str] = _BUDGET,
+          as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Perplexity on a text with a sliding window; with --compare, one table of bundles side by side
+    (size, bits per weight, perplexity, delta, top-1 agreement with the first)."""
+    from .evaluate import compare as run_compare
+    bundles = [bundle, *(compare or [])]
+
+    def show(r):
+        if not as_json:
+            print(f"  {r.bundle}: perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens ({r.tok_s:.0f} tok/s)",
+                  file=sys.stderr)
+    rows = run_compare(bundles, text=text, tokens=tokens, context=context, stride=stride, max_tokens=max_tokens,
+                       threads=threads, memory_budget=memory_budget, progress=show)
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows]))
+        return
+    r0 = rows[0]
+    print(f"{r0.tokens_scored} tokens scored, windows of {r0.context} every {r0.stride}\n")
+    w = max(len(r.bundle) for r in rows)
+    print(f"{'bundle':<{w}} {'quant':<6} {'MB':>8} {'bits/w':>6} {'perplexity':>10} {'delta':>8} {'top-1 agree':>11} "
+          f"{'tok/s':>7}")
+    for r in rows:
+        delta = "" if r.delta_pct is None else f"{r.delta_pct:+.2f}%"
+        agree = "" if r.top1_agreement is None else f"{r.top1_agreement:.2%}"
+        print(f"{r.bundle:<{w}} {r.quant:<6} {r.size_mb:>8.1f} {r.bits_per_weight:>6.2f} {r.perplexity:>10.4f} "
+              f"{delta:>8} {agree:>11} {r.tok_s:>7.0f}")
 
 
 app.add_typer(devices_app, name="devices")

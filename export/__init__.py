@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge import __version__
-from edge.errors import EdgeError
+from edge.errors import ConfigError, EdgeError
 from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, GenerationDefaults, Manifest, SourceInfo, TokenizerSpec
 
 from .arch import describe
@@ -29,24 +29,44 @@ from .sources import open_source
 QUANTS = ("fp32", "int8", "int4")
 
 
+POLICY_KEYS = ("attention", "mlp", "mlp_down", "experts", "experts_down", "down", "embed", "lm_head")
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     quant: str = "int4"              # scheme of the transformer's linear layers
     block_size: int = 32
     symmetric: bool = True
+    method: str = "rtn"              # rtn | mse (export/quant.py)
     embed_quant: str = "auto"        # fp32 | int8 | int4 | auto: fp32 for fp32 exports, else int8 (only the
                                      #   gathered rows are ever read, so int8 costs disk, not speed or RSS)
     lm_head_quant: str = "auto"      # fp32 | int8 | int4 | auto: as the linear layers (it is read every token)
+    quant_policy: str = ""           # overrides per kind of weight: "attention=int8,down=int8,experts=int4/64"
     max_context: int = 0             # 0: the model's max_position_embeddings
 
     def policy(self) -> QuantPolicy:
         def scheme(q: str) -> QuantScheme | None:
+            q, _, bs = q.partition("/")
             if q not in QUANTS:
-                raise EdgeError(f"unknown quantization {q!r}; choose one of {', '.join(QUANTS)}")
-            return None if q == "fp32" else QuantScheme(int(q[3:]), self.block_size, self.symmetric)
+                raise ConfigError(f"unknown quantization {q!r}; choose one of {', '.join(QUANTS)}")
+            if bs and not bs.isdigit():
+                raise ConfigError(f"block size in {q}/{bs} must be a number")
+            return None if q == "fp32" else QuantScheme(int(q[3:]), int(bs or self.block_size), self.symmetric,
+                                                         self.method)
         embed = ("fp32" if self.quant == "fp32" else "int8") if self.embed_quant == "auto" else self.embed_quant
         head = self.quant if self.lm_head_quant == "auto" else self.lm_head_quant
-        return QuantPolicy(linear=scheme(self.quant), embed=scheme(embed), lm_head=scheme(head))
+        kinds = dict(attention=self.quant, mlp=self.quant, experts=self.quant, embed=embed, lm_head=head)
+        over = {}
+        for item in filter(None, (x.strip() for x in self.quant_policy.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or key.strip() not in POLICY_KEYS:
+                raise ConfigError(f"--quant-policy item {item!r}: expected KIND=QUANT with KIND one of "
+                                  f"{', '.join(POLICY_KEYS)}")
+            over[key.strip()] = value.strip()
+        kinds.update({k: v for k, v in over.items() if k not in ("down", "mlp_down", "experts_down")})
+        kinds["mlp_down"] = over.get("mlp_down", over.get("down", kinds["mlp"]))
+        kinds["experts_down"] = over.get("experts_down", over.get("down", kinds["experts"]))
+        return QuantPolicy(**{k: scheme(v) for k, v in kinds.items()})
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,23 @@ MS = "com.microsoft"
 @dataclass(frozen=True)
 class QuantPolicy:
     """Which scheme each kind of weight gets (None = fp32)."""
-    linear: QuantScheme | None
+    attention: QuantScheme | None          # q|k|v and o projections
+    mlp: QuantScheme | None                # dense (and shared-expert) gate|up
+    mlp_down: QuantScheme | None           # dense (and shared-expert) down
+    experts: QuantScheme | None            # routed experts' gate|up
+    experts_down: QuantScheme | None       # routed experts' down
     embed: QuantScheme | None
     lm_head: QuantScheme | None
+
+
+@dataclass(frozen=True)
+class Tied:
+    """A quantized embedding's bytes in the data file, reusable as the tied lm_head: the
+    GatherBlockQuantized data [V, H] is byte for byte MatMulNBits' B [V, H / block, block * bits / 8]."""
+    scheme: QuantScheme
+    qweight_offset: int
+    scales_offset: int
+    shape: tuple[int, int]             # [V, H]
 
 
 class _Emitter:
@@ -45,6 +59,7 @@ class _Emitter:
         self.g = g
         self.entries: list[TensorEntry] = []
         self.num_parameters = 0
+        self.tied: Tied | None = None      # set by a quantized embedding stored in the data file
 
     def record(self, name: str, w: np.ndarray, scheme: QuantScheme | None, max_rel=0.0, rms_rel=0.0) -> None:
         self.num_parameters += int(w.size)
@@ -90,6 +105,8 @@ class _Emitter:
         ins = [self.g.weight(name + ".qweight", data), ids, self.g.weight(name + ".scales", q.scales)]
         if q.zero_points is not None:
             ins.append(self.g.weight(name + ".zero_points", q.zero_points))
+        elif None not in (at := (self.g.offset_of(ins[0]), self.g.offset_of(ins[2]))):
+            self.tied = Tied(scheme, at[0], at[1], tuple(w.shape))
         return self.g.op1("GatherBlockQuantized", ins, name=name, domain=MS, gather_axis=0, quantize_axis=1,
                           block_size=scheme.block_size, bits=scheme.bits)
 
@@ -170,28 +187,37 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
 
 
 def swiglu_mlp(g: Graph, em: _Emitter, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, prefix: str,
-               scheme: QuantScheme | None, biases=(None, None, None), *, out: str | None = None) -> str:
-    """down(silu(gate(x)) * up(x)); gate|up fused into one matmul of 2F rows."""
+               schemes: tuple[QuantScheme | None, QuantScheme | None], biases=(None, None, None), *,
+               out: str | None = None) -> str:
+    """down(silu(gate(x)) * up(x)); gate|up fused into one matmul of 2F rows. schemes: (gate|up, down)."""
     bgu = np.concatenate([biases[0], biases[1]]) if biases[0] is not None else None
-    gu = em.linear(x, np.concatenate([gate, up], axis=0), prefix + "gate_up", scheme, bgu)
+    gu = em.linear(x, np.concatenate([gate, up], axis=0), prefix + "gate_up", schemes[0], bgu)
     g_, u_ = g.op("Split", [gu], 2, name=prefix + "gate_up_split", axis=-1, num_outputs=2)
     act = g.op1("QuickGelu", [g_], name=prefix + "silu", domain=MS, alpha=1.0)     # x * sigmoid(x)
-    return em.linear(g.op1("Mul", [act, u_], name=prefix + "swiglu"), down, prefix + "down", scheme, biases[2], out=out)
+    return em.linear(g.op1("Mul", [act, u_], name=prefix + "swiglu"), down, prefix + "down", schemes[1], biases[2], out=out)
 
 
 def lm_head(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarray], h: str, residual: str,
-            scheme: QuantScheme | None) -> tuple[str, np.ndarray]:
-    """final norm -> Gather(logits_positions) -> lm_head: declares logits_positions and logits."""
+            scheme: QuantScheme | None, tied: Tied | None = None) -> str:
+    """final norm -> Gather(logits_positions) -> lm_head: declares logits_positions and logits. With tied
+    embeddings quantized like the lm_head, it reads the embedding's bytes (stored once)."""
     s = arch.spec
     positions = g.input("logits_positions", TensorProto.INT64, ["P"])
     x, _ = _skip_rms(g, h, residual, em.plain("final_norm", get(arch.top["final_norm"])), s.norm_eps, "final_norm")
     x = g.op1("Gather", [x, positions], name="logits_positions", axis=1)              # [1, P, H]
-    head = get(arch.top.get("lm_head", arch.top["embed"]))
-    em.linear(x, head, "lm_head", scheme, out="logits")
-    if s.tie_word_embeddings:
-        em.num_parameters -= head.size          # one tensor, counted once
+    if s.tie_word_embeddings and tied is not None and tied.scheme == scheme:
+        (v, k), bs = tied.shape, scheme.block_size
+        qw = g.shared_weight("lm_head.qweight", np.uint8, (v, k // bs, bs * scheme.bits // 8), tied.qweight_offset)
+        sc = g.shared_weight("lm_head.scales", np.float32, (v, k // bs), tied.scales_offset)
+        g.op("MatMulNBits", [x, qw, sc], name="lm_head", outputs=["logits"], domain=MS, K=k, N=v,
+             bits=scheme.bits, block_size=bs, accuracy_level=4)
+    else:
+        head = get(arch.top.get("lm_head", arch.top["embed"]))
+        em.linear(x, head, "lm_head", scheme, out="logits")
+        if s.tie_word_embeddings:
+            em.num_parameters -= head.size          # one tensor, counted once
     g.output("logits", TensorProto.FLOAT, [1, "P", s.vocab_size])
-    return positions, head
+    return positions
 
 
 def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray], policy: QuantPolicy, *,
@@ -208,12 +234,12 @@ def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray],
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
         n = arch.layer_names(i)
-        x, residual, kv = attention(g, em, arch, get, i, h, residual, step, policy.linear)
+        x, residual, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention)
         kvs.append(kv)
         b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
-        h = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.", policy.linear,
+        h = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.", (policy.mlp, policy.mlp_down),
                        (b("gate"), b("up"), b("down")))
-    positions, _ = lm_head(g, em, arch, get, h, residual, policy.lm_head)
+    positions = lm_head(g, em, arch, get, h, residual, policy.lm_head, em.tied)
     spec = GraphSpec(file="model.onnx", input_ids=ids, seqlens_k=step.seqlens_k, total_sequence_length=step.total,
                      logits_positions=positions, logits="logits", kv_num_heads=s.num_kv_heads, kv_head_dim=s.head_dim,
                      kv_dtype="float32", past_keys=tuple(k[0] for k in kvs), past_values=tuple(k[1] for k in kvs),

@@ -51,12 +51,12 @@ class _Blob:
         return b"".join(self.parts)
 
 
-def _expert_graph(blob: _Blob, gate, up, down, hidden: int, scheme, prefix: str):
+def _expert_graph(blob: _Blob, gate, up, down, hidden: int, schemes, prefix: str):
     """The expert graph (x [T, H] -> y [T, H]) with this expert's weights in `blob`."""
     g = Graph(blob, inline_below=0)
     em = _Emitter(g)
     x = g.input("x", TensorProto.FLOAT, ["T", hidden])
-    swiglu_mlp(g, em, x, gate, up, down, prefix, scheme, out="y")
+    swiglu_mlp(g, em, x, gate, up, down, prefix, schemes, out="y")
     g.output("y", TensorProto.FLOAT, ["T", hidden])
     return g, em
 
@@ -78,12 +78,13 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     store = open(root / "experts.bin", "wb")
     experts: list[ExpertEntry] = []
     layout: tuple[ExpertTensor, ...] | None = None
-    scheme = policy.linear
-    # QMoE: quantized, no zero points, and its block size must divide both matmul depths
-    fusable = (scheme is not None and scheme.symmetric and s.hidden_size % scheme.block_size == 0
-               and moe.expert_intermediate_size % scheme.block_size == 0)
+    scheme = policy.experts
+    # QMoE: quantized, no zero points, one scheme for both matmuls, block size dividing both depths
+    fusable = (scheme is not None and scheme == policy.experts_down and scheme.symmetric
+               and s.hidden_size % scheme.block_size == 0 and moe.expert_intermediate_size % scheme.block_size == 0)
     fused_data = DataFile(root / "experts.fused.bin") if fusable else None
     stage_graphs: list[Graph] = []
+    tied = None                                  # the quantized embedding, for a tied lm_head
     fused_layers: list[dict[str, int]] = []
     fused_shapes: dict[str, tuple] = {}
     for i in range(s.num_layers):
@@ -101,11 +102,12 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         if i == 0:
             ins["input_ids"] = g.input("input_ids", TensorProto.INT64, [1, "S"])
             h = em.embedding(ins["input_ids"], get(arch.top["embed"]), "embed", policy.embed)
+            tied = em.tied
             residual = None
         else:
             h = ins["hidden"] = g.input("hidden", TensorProto.FLOAT, [1, "S", s.hidden_size])
             residual = ins["residual"] = g.input("residual", TensorProto.FLOAT, [1, "S", s.hidden_size])
-        x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.linear)
+        x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention)
         kvs.append(kv)
         ins.update(past_key=kv[0], past_value=kv[1])
         for name, src in (("moe_in", x), ("residual_out", res)):
@@ -118,7 +120,8 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                 "present_key": kv[2], "present_value": kv[3]}
         if moe.shared_expert:      # sigmoid(x @ gate_weight.T) * shared_mlp(x), added to the routed sum
             n = moe.shared_expert(i)
-            y = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.shared.", policy.linear)
+            y = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.shared.",
+                           (policy.mlp, policy.mlp_down))
             gate = g.op1("Sigmoid", [em.linear(x, get(n["gate_weight"]), f"layers.{i}.shared_gate", None)],
                          name=f"layers.{i}.shared_gate/sigmoid")                                   # [1, S, 1]
             g.op("Mul", [y, gate], name=f"layers.{i}.shared/scale", outputs=["moe_shared"])
@@ -134,7 +137,8 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         fc1q, fc1s, fc2q, fc2s = [], [], [], []
         for e, gate, up, down in moe.experts(get, i):
             blob = _Blob("experts.bin")
-            eg, eem = _expert_graph(blob, gate, up, down, s.hidden_size, policy.linear, "expert.")
+            eg, eem = _expert_graph(blob, gate, up, down, s.hidden_size, (policy.experts, policy.experts_down),
+                                    "expert.")
             these = tuple(ExpertTensor(name=t.name, dtype=_np_dtype(t.data_type), shape=tuple(t.dims),
                                        offset=int({k.key: k.value for k in t.external_data}["offset"]))
                           for t in eg.initializers)
@@ -171,7 +175,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     em = _Emitter(g)
     h = g.input("hidden", TensorProto.FLOAT, [1, "S", s.hidden_size])
     residual = g.input("residual", TensorProto.FLOAT, [1, "S", s.hidden_size])
-    positions, _ = lm_head(g, em, arch, get, h, residual, policy.lm_head)
+    positions = lm_head(g, em, arch, get, h, residual, policy.lm_head, tied)
     g.save(root / "head.onnx", name="head")
     files.append("head.onnx")
     stages.append(StageSpec(file="head.onnx", inputs={"hidden": h, "residual": residual, "logits_positions": positions},

@@ -66,6 +66,13 @@ class Graph:
         self.initializers.append(t)
         return name
 
+    def offset_of(self, name: str) -> int | None:
+        """Where initializer `name` lies in the data file (None: stored inline)."""
+        for t in self.initializers:
+            if t.name == name:
+                return next((int(kv.value) for kv in t.external_data if kv.key == "offset"), None)
+        raise KeyError(name)
+
     def shared_weight(self, name: str, dtype, shape, offset: int) -> str:
         """An initializer whose bytes another graph already wrote to the shared data file."""
         self.initializers.append(external_tensor(name, dtype, shape, self.data.path.name, offset))

@@ -8,6 +8,12 @@ blocks of `block_size`; each block gets one fp32 scale (and a zero point when as
     zero_points  uint8 [N, ceil(n_blocks / 2)] (int4, nibble-packed) or [N, n_blocks] (int8); absent when
                  symmetric (onnxruntime then assumes 8 for int4 and 128 for int8)
 
+Methods (QuantScheme.method, recorded per tensor in the manifest):
+  rtn  round to nearest: the block's largest-magnitude value maps to the extreme code
+  mse  data-free search per block (in the spirit of llama.cpp's make_qx_quants and HQQ): try a grid
+       of scales, round, refit the scale by least squares to the codes chosen, keep the one with
+       the smallest squared error. Same size and speed as rtn; export takes a few times longer.
+
 The reader is onnxruntime itself; `dequantize` here mirrors it and gives the reported error.
 """
 from __future__ import annotations
@@ -17,6 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.errors import ConfigError
+
+
+METHODS = ("rtn", "mse")
+_GRID = np.linspace(0.0, 2.0, 17)          # mse: candidate |code| the block's peak maps to, minus nominal
 
 
 @dataclass(frozen=True)
@@ -31,8 +41,8 @@ class QuantScheme:
             raise ConfigError(f"bits must be 4 or 8, not {self.bits}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ConfigError(f"block_size must be one of 16, 32, 64, 128, 256, not {self.block_size}")
-        if self.method != "rtn":
-            raise ConfigError(f"unknown quantization method {self.method!r} (supported: rtn)")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown quantization method {self.method!r} (supported: {', '.join(METHODS)})")
 
     @property
     def dtype(self) -> str:
@@ -63,7 +73,9 @@ def _quantize_rows(w: np.ndarray, scheme: QuantScheme):
     wp[:, :k] = w
     blocks = wp.reshape(n, nb, bs)                                   # [n, n_blocks, bs]
     qmax, zsym = _levels(scheme.bits)
-    if scheme.symmetric:
+    if scheme.method == "mse":
+        q, scales, zp = (_mse_symmetric if scheme.symmetric else _mse_asymmetric)(blocks, qmax, zsym)
+    elif scheme.symmetric:
         # the signed value of largest magnitude maps to the most negative code (as llama.cpp's
         # Q4_0 does): all 2^bits levels are used, not 2^bits - 1
         idx = np.abs(blocks).argmax(-1)[..., None]
@@ -75,10 +87,53 @@ def _quantize_rows(w: np.ndarray, scheme: QuantScheme):
         hi = np.maximum(blocks.max(-1), 0.0)
         scales = ((hi - lo) / qmax).astype(np.float32)
         zp = np.clip(np.round(-lo / np.where(scales == 0, 1.0, scales)), 0, qmax)
-    safe = np.where(scales == 0, 1.0, scales)[..., None]
-    q = np.clip(np.round(blocks / safe) + zp[..., None], 0, qmax).astype(np.uint8)   # [n, n_blocks, bs]
+    if scheme.method != "mse":
+        safe = np.where(scales == 0, 1.0, scales)[..., None]
+        q = np.clip(np.round(blocks / safe) + zp[..., None], 0, qmax).astype(np.uint8)   # [n, n_blocks, bs]
     err = ((q.astype(np.float32) - zp[..., None]) * scales[..., None] - blocks).reshape(n, nb * bs)[:, :k]
     return q, scales, zp, float(np.square(err, dtype=np.float64).sum()), float(np.abs(err).max())
+
+
+def _mse_symmetric(blocks: np.ndarray, qmax: int, zsym: int):
+    """Codes centred on zsym: for each candidate, peak -> -(zsym + g) or +(zsym - 1 + g), round, then
+    the least-squares scale for those codes; keep the best per block."""
+    idx = np.abs(blocks).argmax(-1)[..., None]
+    peak = np.take_along_axis(blocks, idx, -1)                       # [n, nb, 1]
+    safe_peak = np.where(peak == 0, 1.0, peak)
+    best_err = np.full(blocks.shape[:2], np.inf, np.float32)
+    best_q = np.zeros(blocks.shape, np.int16)
+    best_s = np.zeros(blocks.shape[:2], np.float32)
+    for target in np.concatenate([-(zsym + _GRID), zsym - 1 + _GRID]):
+        q = np.clip(np.round(blocks * (target / safe_peak)), -zsym, qmax - zsym)       # [n, nb, bs]
+        qq = np.square(q).sum(-1)
+        s = np.where(qq > 0, (blocks * q).sum(-1) / np.where(qq > 0, qq, 1.0), 0.0)
+        e = np.square(blocks - s[..., None] * q).sum(-1)
+        better = e < best_err
+        best_err = np.where(better, e, best_err)
+        best_s = np.where(better, s, best_s)
+        best_q = np.where(better[..., None], q, best_q)
+    zp = np.full(best_s.shape, zsym, np.float32)
+    return (best_q + zsym).astype(np.uint8), best_s.astype(np.float32), zp
+
+
+def _mse_asymmetric(blocks: np.ndarray, qmax: int, zsym: int):
+    """Shrink [min, max] towards its centre by each candidate factor, quantize, keep the best per block."""
+    lo0, hi0 = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)
+    best_err = np.full(blocks.shape[:2], np.inf, np.float32)
+    best = None
+    for f in np.linspace(1.0, 0.7, 13):
+        lo, hi = lo0 * f, hi0 * f
+        s = ((hi - lo) / qmax).astype(np.float32)
+        safe = np.where(s == 0, 1.0, s)
+        zp = np.clip(np.round(-lo / safe), 0, qmax)
+        q = np.clip(np.round(blocks / safe[..., None]) + zp[..., None], 0, qmax)
+        e = np.square((q - zp[..., None]) * s[..., None] - blocks).sum(-1)
+        better = e < best_err
+        best_err = np.where(better, e, best_err)
+        best = (q, s, zp) if best is None else tuple(np.where(better[..., None] if a.ndim == 3 else better, a, b)
+                                                     for a, b in zip((q, s, zp), best))
+    q, s, zp = best
+    return q.astype(np.uint8), s.astype(np.float32), zp
 
 
 def quantize(w: np.ndarray, scheme: QuantScheme, *, rows_per_chunk: int = 2048) -> Quantized:
