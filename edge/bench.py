@@ -67,15 +67,17 @@ def run_once(model: Model, ids: list[int], gen: int) -> tuple[float, float]:
 
 
 def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 128,
-          repeat: int = 3, memory_budget=None, expert_policy: str = "lfu") -> BenchResult:
+          repeat: int = 3, memory_budget=None, expert_policy: str = "lfu", prefetch: bool = False) -> BenchResult:
     t0 = time.perf_counter()
     model = load(path, threads=threads, context_length=prompt_tokens + gen_tokens, memory_budget=memory_budget,
-                 expert_policy=expert_policy)
+                 expert_policy=expert_policy, prefetch=prefetch)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(model, prompt_tokens)
     run_once(model, ids, min(gen_tokens, 8))           # warm-up
     cache = getattr(model.decoder, "experts", None)
     before = dataclasses.replace(cache.stats) if cache else None
+    guesser = getattr(model.decoder, "guesser", None)
+    g0 = dataclasses.replace(guesser.stats) if guesser else None
     runs = [run_once(model, ids, gen_tokens) for _ in range(repeat)]
     experts = None
     if cache:
@@ -84,6 +86,12 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
         experts = dict(capacity=cache.capacity, total=len(cache.entries), policy=cache.policy,
                        hit_rate=hits / max(1, hits + misses), mb_read_per_token=(s.bytes_read - before.bytes_read) / 2**20 / n,
                        stall_ms_per_token=1e3 * (s.read_s + s.build_s - before.read_s - before.build_s) / n)
+        if guesser:
+            g = guesser.stats
+            tp, guessed, used = g.correct - g0.correct, g.guessed - g0.guessed, g.used - g0.used
+            experts.update(prefetch=cache.prefetcher is not None,
+                           prefetch_precision=tp / guessed if guessed else 0.0, prefetch_recall=tp / used if used else 0.0,
+                           prefetch_served=g.served - g0.served, prefetch_wasted=g.wasted - g0.wasted)
     ttft = statistics.median(r[0] for r in runs)
     dec = statistics.median(r[1] for r in runs)
     return BenchResult(bundle=str(path), quant=model.manifest.quant, threads=model.threads, prompt_tokens=prompt_tokens,

@@ -172,6 +172,8 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
           repeat: int = typer.Option(3, help="Timed runs (median reported) after one warm-up."),
           memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY,
           device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
+          prefetch: bool = typer.Option(False, "--prefetch", help="MoE under a budget: load the next layer's "
+                                        "likely experts in the background."),
           sweep: Optional[str] = typer.Option(None, "--sweep", help="MoE: comma-separated budgets to run in turn, "
                                               "e.g. 350MB,450MB,700MB (each in a fresh process)."),
           plot: str = typer.Option("sweep.png", "--plot", help="With --sweep: PNG of tok/s and hit rate vs budget."),
@@ -209,7 +211,7 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
             print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return
     r = run_bench(bundle, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
-                  memory_budget=memory_budget, expert_policy=expert_policy)
+                  memory_budget=memory_budget, expert_policy=expert_policy, prefetch=prefetch)
     if as_json:
         print(json.dumps(r.as_dict()))
         return
@@ -222,6 +224,10 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
         rows += [("expert cache", f"{e['capacity']} of {e['total']} experts resident, policy {e['policy']}"),
                  ("expert hit rate", f"{e['hit_rate']:.1%}"), ("read per token", f"{e['mb_read_per_token']:.1f} MB"),
                  ("stalled on misses", f"{e['stall_ms_per_token']:.1f} ms per token")]
+        if "prefetch_precision" in e:
+            rows.append(("next-layer guesses", f"precision {e['prefetch_precision']:.1%}, recall {e['prefetch_recall']:.1%}"
+                         + (f"; prefetch on: {e['prefetch_served']} misses served, {e['prefetch_wasted']} wasted"
+                            if e["prefetch"] else " (prefetch off)")))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")

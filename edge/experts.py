@@ -75,9 +75,13 @@ class ExpertCache:
         self.score = np.zeros((layers, moe.num_experts), np.float64)
         self.decay = decay
         self.stats = CacheStats()
+        self.prefetcher = None                    # edge.prefetch.Prefetcher, set by the decoder
         self._lock = threading.Lock()
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
         self.cache.clear()
         self.reader.close()
 
@@ -105,10 +109,7 @@ class ExpertCache:
             value = ort.OrtValue.ortvalue_from_numpy(view)
             keep.append(value)                      # onnxruntime holds the name until it prepacks
             so.add_initializer(t.name, value)
-        t0 = time.perf_counter()
-        s = open_session(self.graph_path, so)
-        self.stats.build_s += time.perf_counter() - t0
-        return _Expert(s, keep)
+        return _Expert(open_session(self.graph_path, so), keep)
 
     def run_bound(self, layer: int, expert: int, x: ort.OrtValue, y: ort.OrtValue, key: tuple) -> None:
         """One-token step: run the expert reading `x` and writing `y` (bound once per session)."""
@@ -153,9 +154,16 @@ class ExpertCache:
             return item
 
     def _load(self, key) -> _Expert:
-        """Read the expert and build its session. Prepacking copies every weight, so the read
-        buffer is free for the next miss as soon as the session exists (a test checks this)."""
-        return self._build(self._read(key))
+        """A staged guess of the prefetcher, or read the expert and build its session now.
+        Prepacking copies every weight, so the read buffer is free for the next miss as soon as
+        the session exists (a test checks this)."""
+        if self.prefetcher is not None and (item := self.prefetcher.take(key)) is not None:
+            return item
+        blob = self._read(key)
+        t0 = time.perf_counter()
+        item = self._build(blob)
+        self.stats.build_s += time.perf_counter() - t0
+        return item
 
     def _evict(self, key) -> None:
         del self.cache[key]

@@ -117,6 +117,8 @@ class MoESpec:
     normalize_topk: bool
     routing: str = "softmax_topk"
     fused: GraphSpec | None = None         # everything in one graph (QMoE nodes): the all-resident path
+    router_file: str = ""                  # where each layer's router weight lies, fp32 [H, E] (prefetch guesses)
+    routers: tuple[int, ...] = ()          # byte offsets in router_file, one per layer
 
 
 @dataclass(frozen=True)

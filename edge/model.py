@@ -42,7 +42,7 @@ class GenerationStats:
 
 class Model:
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None,
-                 memory_budget=None, expert_policy: str = "lfu"):
+                 memory_budget=None, expert_policy: str = "lfu", prefetch: bool = False):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -55,7 +55,7 @@ class Model:
             from .moe import MoEDecoder
             self.decoder = MoEDecoder(bundle, threads=threads, context_length=context_length,
                                       expert_capacity=expert_capacity, memory_budget=memory_budget,
-                                      policy=expert_policy)
+                                      policy=expert_policy, prefetch=prefetch)
         else:
             self.decoder = Decoder(bundle, threads=threads, context_length=context_length)
         self.threads = threads
@@ -184,7 +184,8 @@ class Model:
 
 
 def load(path, *, threads: int | None = None, context_length: int | None = None,
-         memory_budget=None, expert_capacity: int | None = None, expert_policy: str = "lfu") -> Model:
+         memory_budget=None, expert_capacity: int | None = None, expert_policy: str = "lfu",
+         prefetch: bool = False) -> Model:
     """Open a bundle made by `edge export`.
 
     threads: CPU threads for onnxruntime (default: the cores this process may use). onnxruntime's
@@ -197,6 +198,9 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
     expert_capacity: instead of a budget, how many experts stay resident at once (default: all,
         loaded as the router first picks them).
     expert_policy: "lfu" (per-layer, frequency-aware; default) or "lru" (the baseline).
+    prefetch: with a limited expert cache, load the next layer's likely experts (its router applied
+        to the current hidden state) on a background thread; the budget reserves room for them.
+        The guesses' precision and recall are counted either way (model.decoder.guesser.stats).
     """
     bundle = open_bundle(path)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -210,4 +214,4 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
     if memory_budget is not None and bundle.manifest.moe is None:
         raise ConfigError("memory_budget applies to Mixture-of-Experts bundles; a dense model is loaded whole")
     return Model(bundle, threads=threads or default_threads(), context_length=ctx, expert_capacity=expert_capacity,
-                 memory_budget=memory_budget, expert_policy=expert_policy)
+                 memory_budget=memory_budget, expert_policy=expert_policy, prefetch=prefetch)

@@ -5,6 +5,7 @@ Same interface as engine.Decoder: forward(ids, all_logits) -> logits [P, vocab],
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import onnxruntime as ort
 from .bundle import Bundle
 from .engine import check_context_length, open_session, pooled_options, step_ids, use_global_pool
 from .experts import ExpertCache
+from .prefetch import Guesser, Prefetcher, load_routers
 from .errors import BudgetError, ConfigError
 from .memory import release_file_pages, return_freed_memory, status
 
@@ -68,7 +70,8 @@ PREFILL_CHUNK = 64        # prompt tokens per forward pass: bounds activation me
 @dataclass(frozen=True)
 class MemoryPlan:
     budget: int
-    base: int              # resident after loading the stages (weights, runtime, tokenizer)
+    base: int              # resident after loading the stages (weights, runtime, tokenizer) + the weight
+                           # file pages a prompt reads
     kv_cache: int          # at the full context length
     headroom: int
     per_expert: int        # resident cost of one cached expert (measured)
@@ -98,7 +101,7 @@ def parse_bytes(v) -> int:
 
 class MoEDecoder:
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None,
-                 memory_budget=None, policy: str = "lfu"):
+                 memory_budget=None, policy: str = "lfu", prefetch: bool = False):
         m = bundle.manifest
         check_context_length(context_length, m.model.max_context)
         self.moe = m.moe
@@ -117,12 +120,20 @@ class MoEDecoder:
         n_all = len(self.moe.experts)
         return_freed_memory()                  # evicted experts' memory goes back to the OS, not to a heap
         self.plan = None
+        slots = self.moe.top_k if prefetch and self.moe.routers else 0     # staged guesses: one layer's top-k
         if memory_budget is not None:
-            self.plan = self._plan(bundle, parse_bytes(memory_budget), policy)
+            self.plan = self._plan(bundle, parse_bytes(memory_budget), policy, slots)
             expert_capacity = self.plan.capacity
         elif expert_capacity is None:
             expert_capacity = n_all
         self.experts = ExpertCache(bundle, capacity=min(expert_capacity, n_all), policy=policy)
+        self.guesser = None
+        if self.moe.routers and self.experts.capacity < n_all:
+            routers = load_routers(bundle.path(self.moe.router_file), self.moe.routers, self.hidden,
+                                   self.moe.num_experts)
+            self.guesser = Guesser(routers, self.moe.top_k)
+            if slots:
+                self.experts.prefetcher = Prefetcher(self.experts, slots=slots, stats=self.guesser.stats)
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self.position = 0
@@ -144,7 +155,7 @@ class MoEDecoder:
         self._vstep = {"seqlens_k": ov(self._seqlens), "total_sequence_length": ov(self._total)}
         self._vids, self._vpos = ov(self._ids1), ov(self._pos1)
 
-    def _plan(self, bundle: Bundle, budget: int, policy: str) -> MemoryPlan:
+    def _plan(self, bundle: Bundle, budget: int, policy: str, slots: int) -> MemoryPlan:
         """Size the expert cache so that the whole process stays under `budget` bytes."""
         base = status().get("VmRSS", 0)
         base_anon = status().get("RssAnon", 0)
@@ -162,7 +173,14 @@ class MoEDecoder:
         per_expert = int(max(1.1 * (anon - base_anon) / n, max(x.size for x in self.moe.experts)))
         probe.close()
         del probe
-        free = budget - base - kv - HEADROOM - 2 * per_expert     # room for experts that run once
+        # room for experts that run once and for the prefetcher's staged guesses and read buffer
+        # prompts (batches > 1) read the dense weights' file pages again (onnxruntime's batched int4
+        # path; SmolMoE: all 66 MB of stages.onnx.data): count them in the dense part. They are
+        # dropped again when a generation ends (reset).
+        base += sum(os.path.getsize(p) for p in self._data_files)
+        free = budget - base - kv - HEADROOM - 2 * per_expert - slots * per_expert
+        if slots:
+            free -= max(x.size for x in self.moe.experts)
         plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert))
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
             raise BudgetError(f"memory budget {budget / 2**20:.0f} MB is too small for this model at context "
@@ -220,10 +238,16 @@ class MoEDecoder:
         self._ids1[0, 0] = token
         b, K, norm = self._b, self.moe.top_k, self.moe.normalize_topk
         hidden, logits = b["hidden"][0, 0], b["logits"][0]                   # logits [1, E]
+        guesser, pf = self.guesser, self.experts.prefetcher
         for layer, st in enumerate(self.stages[:-1]):
             st.session.run_with_iobinding(st.io)
             top, w = route(logits, K, norm)
             top, w = top[0], w[0]
+            if guesser is not None:
+                guesser.check(layer, top)
+                guess = guesser.guess(layer, b["x"][0])
+                if pf is not None and guess is not None:
+                    pf.want(layer + 1, guess)                 # built in the background while these run
             for k in range(K):
                 self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)
             np.multiply(self._y[0][0], w[0], out=hidden)

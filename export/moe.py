@@ -85,6 +85,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     fused_data = DataFile(root / "experts.fused.bin") if fusable else None
     stage_graphs: list[Graph] = []
     tied = None                                  # the quantized embedding, for a tied lm_head
+    routers: list[int | None] = []
     fused_layers: list[dict[str, int]] = []
     fused_shapes: dict[str, tuple] = {}
     for i in range(s.num_layers):
@@ -115,6 +116,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             g.output(name, TensorProto.FLOAT, [1, "S", s.hidden_size])
         router = get(moe.router_name(i))                                        # [E, H]
         em.linear(x, router, f"layers.{i}.router", None, out="router_logits")  # fp32: routing decides everything
+        routers.append(g.offset_of(f"layers.{i}.router"))                      # None when stored inline
         g.output("router_logits", TensorProto.FLOAT, [1, "S", moe.num_experts])
         outs = {"moe_in": "moe_in", "residual": "residual_out", "router_logits": "router_logits",
                 "present_key": kv[2], "present_value": kv[3]}
@@ -200,7 +202,9 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                        expert_file="experts.bin", expert_tensors=layout, experts=tuple(experts),
                        num_experts=moe.num_experts, top_k=moe.top_k, normalize_topk=moe.normalize_topk,
                        fused=dataclasses.replace(spec, file="fused.onnx", data=("stages.onnx.data", "experts.fused.bin"))
-                       if fusable else None)
+                       if fusable else None,
+                       router_file="stages.onnx.data" if None not in routers else "",
+                       routers=tuple(routers) if None not in routers else ())
     return spec, moe_spec, entries, n_params, files
 
 

@@ -32,6 +32,25 @@ def test_small_expert_cache_gives_identical_tokens(tiny_bundle, arch, quant):
     assert s.misses > 8 and s.evictions > 0 and len(small.decoder.experts.cache) <= 2
 
 
+def test_prefetch_guesses_are_scored_and_change_nothing(tiny_bundle):
+    """The next layer's router on the current hidden state guesses its experts; with prefetch on,
+    guesses are built in the background, and greedy output stays that of the all-resident run."""
+    b = tiny_bundle("mixtral", "int4")
+    want = edge.load(b, threads=1, context_length=64, expert_capacity=8).generate_ids([5, 17, 99, 3], max_new_tokens=16)
+    for prefetch in (False, True):
+        m = edge.load(b, threads=1, context_length=64, expert_capacity=3, prefetch=prefetch)
+        assert m.manifest.moe.routers and m.decoder.guesser is not None
+        assert m.generate_ids([5, 17, 99, 3], max_new_tokens=16) == want
+        g = m.decoder.guesser.stats
+        assert g.guessed > 0 and 0 < g.precision <= 1 and g.recall == g.precision       # top-k guesses of top-k
+        assert (m.decoder.experts.prefetcher is not None) == prefetch
+        if prefetch:
+            assert g.loaded > 0 and g.served + g.wasted <= g.loaded + 1
+            thread = m.decoder.experts.prefetcher.thread
+            m.decoder.experts.close()
+            assert not thread.is_alive()
+
+
 @pytest.mark.parametrize("arch,quant", [("mixtral", "int4"), ("mixtral", "int8"), ("qwen3_moe", "int4"), ("olmoe", "int4"),
                                        ("qwen2_moe", "int4")])
 def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, arch, quant):
