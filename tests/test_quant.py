@@ -25,11 +25,12 @@ def _matmulnbits(x, q, n, k):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("k,block", [(64, 32), (200, 32), (96, 64), (256, 128)])
-def test_packing_matches_onnxruntime(bits, symmetric, k, block):
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_packing_matches_onnxruntime(bits, symmetric, k, block, method):
     """Our dequantize() is what onnxruntime computes with, including K not a multiple of the block."""
     rng = np.random.default_rng(k + bits)
     w = rng.standard_normal((48, k)).astype(np.float32)
-    q = quantize(w, QuantScheme(bits, block, symmetric), rows_per_chunk=7)
+    q = quantize(w, QuantScheme(bits, block, symmetric, method), rows_per_chunk=7)
     x = rng.standard_normal((3, k)).astype(np.float32)
     np.testing.assert_allclose(_matmulnbits(x, q, 48, k), x @ dequantize(q).T, rtol=1e-4, atol=1e-4)
 
@@ -43,6 +44,25 @@ def test_reported_error_is_the_real_error():
         assert q.rms_rel_err == pytest.approx(real, rel=1e-5)
         assert q.rms_rel_err < bound
         assert 0 < q.max_rel_err < 1
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_search_never_loses_to_round_to_nearest(symmetric):
+    w = (np.random.default_rng(1).standard_t(5, (96, 256)) * 0.02).astype(np.float32)
+    for bits in (4, 8):
+        rtn = quantize(w, QuantScheme(bits, 32, symmetric, "rtn"))
+        mse = quantize(w, QuantScheme(bits, 32, symmetric, "mse"))
+        assert mse.rms_rel_err <= rtn.rms_rel_err + 1e-7
+
+
+def test_quant_policy_is_recorded_per_tensor(tiny_bundle):
+    from edge.bundle import open_bundle
+    b = tiny_bundle("qwen2_moe", "int4", quant_policy="attention=int8,down=int8,lm_head=fp32", method="mse")
+    kinds = {t.name: (t.dtype, t.method) for t in open_bundle(b).manifest.tensors}
+    assert kinds["layers.0.qkv"] == ("int8", "mse") and kinds["layers.0.shared.down"] == ("int8", "mse")
+    assert kinds["layers.1.experts.3.gate_up"][0] == "int4" and kinds["layers.1.experts.3.down"][0] == "int8"
+    assert kinds["lm_head"][0] == "float32"
+    assert open_bundle(b).manifest.moe.fused is None            # QMoE needs one scheme for both expert matmuls
 
 
 def test_zero_blocks_and_outliers():
