@@ -2,7 +2,8 @@
 
 Estimated from the manifest alone (no model is loaded, so it works for a target board from the dev
 machine). The resident costs below were measured on x86-64 with onnxruntime 1.32 (SmolMoE-8x135M
-int4: dense part 140 MB for 66 MB of stage weights, 2.5 MB per cached expert for 1.6 MB blobs);
+int4: dense part 140 MB for 66 MB of stage weights, plus those 66 MB of file pages again while a
+prompt runs, 2.5 MB per cached expert for 1.6 MB blobs);
 ARM kernels pack differently, so treat them as estimates. At run time the MoE budget planner
 (edge/moe.py) measures the real costs on the device and sizes the expert cache so that the budget
 holds whatever these estimates said.
@@ -75,7 +76,8 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
         skip = {m.tokenizer.file, m.tokenizer.chat_template} | ({moe.expert_file} if moe else set())
         weights = sum(s for p, s in sizes.items() if p not in skip)
     tok = sizes.get(m.tokenizer.file, 0)
-    dense = RUNTIME_MB * MiB + DENSE_FACTOR * weights + TOKENIZER_FACTOR * tok
+    # prepacked weights + the file pages of the same weights that prompts read again (edge/moe.py)
+    dense = RUNTIME_MB * MiB + (DENSE_FACTOR + 1.0) * weights + TOKENIZER_FACTOR * tok
     per_expert = EXPERT_FACTOR * max((x.size for x in moe.experts), default=0) if moe else 0.0
     n_experts = len(moe.experts) if moe else 0
     fixed = dense + kv + HEADROOM_MB * MiB
