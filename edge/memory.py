@@ -65,3 +65,15 @@ def return_freed_memory(threshold: int = 256 << 10) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):          # musl and others have no mallopt
         return False
+
+
+def trim_heap() -> bool:
+    """glibc: give the heap's free pages back to the OS (malloc_trim). Building and dropping
+    hundreds of expert sessions leaves small free chunks scattered through the heap; SmolMoE under
+    a 460 MB budget: ~12 MB back, ~2 ms. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

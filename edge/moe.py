@@ -17,7 +17,7 @@ from .engine import check_context_length, open_session, pooled_options, step_ids
 from .experts import ExpertCache
 from .prefetch import Guesser, Prefetcher, load_routers
 from .errors import BudgetError, ConfigError
-from .memory import release_file_pages, return_freed_memory, status
+from .memory import release_file_pages, return_freed_memory, status, trim_heap
 
 
 def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -195,6 +195,7 @@ class MoEDecoder:
             # drop them (they fault back from the page cache if read again). ~1 ms.
             for path in self._data_files:
                 release_file_pages(path)
+            trim_heap()                        # and the heap pages evicted sessions left free
 
     def room(self) -> int:
         return self.context_length - self.position
