@@ -55,3 +55,15 @@ def test_eval_cli_compares_bundles(tiny_bundle, tmp_path):
     r2 = subprocess.run([sys.executable, "-m", "edge", "eval", str(ref), "--tokens", str(tmp_path / "t.u16"),
                          "--context", "64", "--json"], capture_output=True, text=True, timeout=300)
     assert json.loads(r2.stdout)[0]["perplexity"] == pytest.approx(a["perplexity"], rel=1e-6)
+
+
+def test_moe_eval_under_a_small_cache_equals_all_resident(tiny_bundle):
+    """The same perplexity with 2 of 8 experts resident as with all of them (same staged path)."""
+    b = tiny_bundle("mixtral", "int4")
+    ids = list(np.random.default_rng(1).integers(3, 200, 200))
+    full = edge.load(b, threads=1, context_length=64, expert_capacity=8)
+    small = edge.load(b, threads=1, context_length=64, expert_capacity=2)
+    a, n, _, _ = evaluate(full, ids, context=64, stride=64)
+    c, m, _, _ = evaluate(small, ids, context=64, stride=64)
+    assert n == m and small.decoder.experts.stats.evictions > 0
+    assert math.exp(c / m) == pytest.approx(math.exp(a / n), rel=1e-9)
