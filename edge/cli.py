@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli_devices import apply_device, devices_app, plan_command, run_emulated
+from .cli_devices import apply_device, devices_app, plan_command, print_table, run_emulated
 from .errors import EdgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -228,9 +228,7 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
             rows.append(("next-layer guesses", f"precision {e['prefetch_precision']:.1%}, recall {e['prefetch_recall']:.1%}"
                          + (f"; prefetch on: {e['prefetch_served']} misses served, {e['prefetch_wasted']} wasted"
                             if e["prefetch"] else " (prefetch off)")))
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{w}}  {v}")
+    print_table(rows)
 
 
 @app.command()
@@ -267,9 +265,7 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
                 ("chat template", "yes" if m.tokenizer.chat_template else "no")]
         if verify:
             rows.append(("verify", "ok: every sha256 matches" if not problems else "FAILED: " + "; ".join(problems)))
-        w = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"{k:<{w}}  {v}")
+        print_table(rows)
         if tensors:
             print(f"\n{'tensor':<28} {'shape':<14} {'dtype':<8} {'block':>5} {'max rel':>9} {'rms rel':>9}")
             for t in m.tensors:

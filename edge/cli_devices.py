@@ -12,7 +12,8 @@ import typer
 devices_app = typer.Typer(no_args_is_help=True, help="Device profiles: list, show, detect this host.")
 
 
-def _table(rows: list[tuple[str, str]]) -> None:
+def print_table(rows: list[tuple[str, str]]) -> None:
+    """Two aligned columns: a label, then its value (every `edge` command's summary table)."""
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
@@ -29,6 +30,13 @@ def _device_rows(d) -> list[tuple[str, str]]:
             ("execution providers", ", ".join(d.providers)),
             ("decode speed", f"~{d.decode_speed_estimate:g}x the reference host (estimate)" if d.decode_speed_estimate
              else "-")]
+
+
+def _print_device(d, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(d.as_dict()))
+    else:
+        print_table(_device_rows(d))
 
 
 @devices_app.command("list")
@@ -54,11 +62,7 @@ def show(name: str = typer.Argument(..., help="profile[:variant][:storage], e.g.
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """One device, resolved to a variant and storage option."""
     from .devices import get
-    d = get(name)
-    if as_json:
-        print(json.dumps(d.as_dict()))
-        return
-    _table(_device_rows(d))
+    _print_device(get(name), as_json)
 
 
 @devices_app.command()
@@ -66,11 +70,7 @@ def detect(folder: str = typer.Option(".", help="Where to measure storage read s
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Describe this host like a profile: cores, RAM (or a cgroup limit), CPU features, measured read speed."""
     from .devices import detect as run_detect
-    d = run_detect(folder)
-    if as_json:
-        print(json.dumps(d.as_dict()))
-        return
-    _table(_device_rows(d))
+    _print_device(run_detect(folder), as_json)
 
 
 def plan_command(bundle: str = typer.Argument(..., help="An exported bundle."),
@@ -93,7 +93,7 @@ def plan_command(bundle: str = typer.Argument(..., help="An exported bundle."),
              ("threads", str(p.threads)),
              ("decode (estimate)", f"{p.decode_tok_s[0]:g}-{p.decode_tok_s[1]:g} tok/s" if p.decode_tok_s else "-")]
     rows += [("note", n) for n in p.notes]
-    _table(rows)
+    print_table(rows)
     print(f"\nrun it: edge run {bundle} \"...\" --device {device}" + (f" --context {context}" if context else ""))
 
 

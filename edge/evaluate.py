@@ -79,15 +79,20 @@ def evaluate(model, ids: list[int], *, context: int, stride: int,
     total, scored, preds = 0.0, 0, []
     t0 = time.perf_counter()
     for begin, end, first in windows(len(ids), context, stride):
-        logits = model.logits(ids[begin:end])[first - 1 - begin:end - 1 - begin].astype(np.float64)   # [m, V]
-        target = np.asarray(ids[first:end])
-        top = logits.max(-1, keepdims=True)
-        lse = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
-        total += float((lse - logits[np.arange(len(target)), target]).sum())
-        scored += len(target)
+        logits = model.logits(ids[begin:end])[first - 1 - begin:end - 1 - begin]          # [m, V]
+        total += window_nll(logits, ids[first:end])
+        scored += end - first
         if keep_top1:
             preds.append(logits.argmax(-1).astype(np.int32))
     return total, scored, time.perf_counter() - t0, (np.concatenate(preds) if keep_top1 else None)
+
+
+def window_nll(logits: np.ndarray, targets) -> float:
+    """Sum of -log softmax(logits)[target] over the rows; logits [m, V] predict targets [m]."""
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+    return float((lse - logits[np.arange(len(logits)), np.asarray(targets)]).sum())
 
 
 def read_tokens(text: str | None, tokens: str | None, model) -> list[int]:

@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
 _MADV_DONTNEED = 4
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (None off Linux, where none of this applies)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def status() -> dict[str, int]:
@@ -29,9 +41,7 @@ def status() -> dict[str, int]:
 def _dontneed(start: int, length: int) -> bool:
     """madvise(MADV_DONTNEED) on [start, start + length) (start page-aligned): clean file pages
     leave this process's RSS and fault back in from the page cache if read again."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(start, length, _MADV_DONTNEED) == 0
+    return _libc().madvise(start, length, _MADV_DONTNEED) == 0
 
 
 def release_file_pages(path: str | os.PathLike) -> int:
@@ -49,31 +59,19 @@ def release_file_pages(path: str | os.PathLike) -> int:
     return n
 
 
-_M_MMAP_THRESHOLD = -3
-
-
 def return_freed_memory(threshold: int = 256 << 10) -> bool:
     """glibc: serve every allocation of `threshold` bytes or more from its own mapping, returned to
     the OS when freed. glibc otherwise raises that threshold after the first large free, and the
     prepacked weights of evicted expert sessions then stay in its heap as free but resident memory
     (SmolMoE int4 under a 720 MB budget: RSS 755 MB, of which 124 MB free heap; with this: 620 MB).
     Process-wide; a no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):          # musl and others have no mallopt
-        return False
+    mallopt = getattr(_libc(), "mallopt", None)        # musl and others have none
+    return bool(mallopt and mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def trim_heap() -> bool:
     """glibc: give the heap's free pages back to the OS (malloc_trim). Building and dropping
     hundreds of expert sessions leaves small free chunks scattered through the heap; SmolMoE under
     a 460 MB budget: ~12 MB back, ~2 ms. A no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    return bool(malloc_trim and malloc_trim(0))

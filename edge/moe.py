@@ -5,7 +5,6 @@ Same interface as engine.Decoder: forward(ids, all_logits) -> logits [P, vocab],
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -114,7 +113,9 @@ class MoEDecoder:
         self.kv = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in g.past_keys]
         self.stages = [_Stage(st, str(bundle.path(st.file)), self.kv[i] if i < len(self.kv) else None)
                        for i, st in enumerate(self.moe.stages)]
-        self._data_files = [bundle.path(f.path) for f in m.files if f.path.endswith(".data")]
+        data = [f for f in m.files if f.path.endswith(".data")]
+        self._data_files = [bundle.path(f.path) for f in data]
+        self._data_bytes = sum(f.size for f in data)
         for path in self._data_files:
             release_file_pages(path)
         n_all = len(self.moe.experts)
@@ -170,17 +171,16 @@ class MoEDecoder:
         anon = status().get("RssAnon", 0)
         # 10% margin: SmolMoE int4 measures 2.4 MB here and settles near 2.3 MB per cached expert
         # after thousands of evictions (with return_freed_memory; without it glibc kept ~25% more)
-        per_expert = int(max(1.1 * (anon - base_anon) / n, max(x.size for x in self.moe.experts)))
+        blob = max(x.size for x in self.moe.experts)
+        per_expert = int(max(1.1 * (anon - base_anon) / n, blob))
         probe.close()
         del probe
-        # room for experts that run once and for the prefetcher's staged guesses and read buffer
         # prompts (batches > 1) read the dense weights' file pages again (onnxruntime's batched int4
         # path; SmolMoE: all 66 MB of stages.onnx.data): count them in the dense part. They are
         # dropped again when a generation ends (reset).
-        base += sum(os.path.getsize(p) for p in self._data_files)
-        free = budget - base - kv - HEADROOM - 2 * per_expert - slots * per_expert
-        if slots:
-            free -= max(x.size for x in self.moe.experts)
+        base += self._data_bytes
+        # room for experts that run once, and for the prefetcher's staged guesses and read buffer
+        free = budget - base - kv - HEADROOM - 2 * per_expert - slots * per_expert - (blob if slots else 0)
         plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert))
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
             raise BudgetError(f"memory budget {budget / 2**20:.0f} MB is too small for this model at context "

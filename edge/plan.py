@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from .devices import Device
 from .errors import BudgetError
 from .manifest import Manifest
+from .moe import HEADROOM                # activations and arenas, as the runtime planner reserves
 
 RUNTIME_MB = 56              # python + onnxruntime + numpy + tokenizers, imported (VmRSS)
 DENSE_FACTOR = 1.1           # resident bytes per byte of dense (stage) weights after prepacking
 TOKENIZER_FACTOR = 4.0       # the tokenizers library's memory per byte of tokenizer.json
 EXPERT_FACTOR = 1.6          # resident bytes per byte of an expert blob (int4 is repacked on load)
-HEADROOM_MB = 48             # activations and arenas (edge/moe.py HEADROOM)
 REF_GB_S = 21.0              # reference host: weight bytes streamed per second of decode (SmolMoE int4:
                              # 165 MB of active weights per token at ~130 tok/s)
 MiB = 2 ** 20
@@ -80,14 +80,14 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
     dense = RUNTIME_MB * MiB + (DENSE_FACTOR + 1.0) * weights + TOKENIZER_FACTOR * tok
     per_expert = EXPERT_FACTOR * max((x.size for x in moe.experts), default=0) if moe else 0.0
     n_experts = len(moe.experts) if moe else 0
-    fixed = dense + kv + HEADROOM_MB * MiB
+    fixed = dense + kv + HEADROOM
     need_all = fixed + per_expert * n_experts
     usable = device.usable_mb * MiB
     notes = [] if g.data else ["the manifest names no data files (older export): dense part over-estimated"]
     if fixed + (2 * per_expert if moe else 0) > usable:
         raise BudgetError(f"{m.model.architecture} ({m.quant}) does not fit {device.name} at context {ctx}: it needs "
                           f"at least {_mb(fixed + 2 * per_expert):.0f} MB (dense part {_mb(dense):.0f} + KV cache "
-                          f"{_mb(kv):.0f} + headroom {HEADROOM_MB}) but the device leaves {device.usable_mb} MB "
+                          f"{_mb(kv):.0f} + headroom {_mb(HEADROOM):.0f}) but the device leaves {device.usable_mb} MB "
                           f"after {device.headroom_mb} MB for the OS; try a shorter --context or a smaller quantization")
     budget = min(usable, need_all)
     cached = n_experts if moe is None or budget >= need_all else int((budget - fixed) // per_expert)
@@ -101,7 +101,7 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
         notes.append("no decode estimate: the device has no decode_speed_estimate")
     notes.append("estimates: resident costs were measured on x86-64; the runtime measures them again on the device")
     return Plan(device=device.name, context=ctx, threads=threads, usable_mb=float(device.usable_mb),
-                dense_mb=_mb(dense), kv_cache_mb=_mb(kv), headroom_mb=float(HEADROOM_MB), per_expert_mb=_mb(per_expert),
+                dense_mb=_mb(dense), kv_cache_mb=_mb(kv), headroom_mb=_mb(HEADROOM), per_expert_mb=_mb(per_expert),
                 experts_total=n_experts, experts_cached=cached, need_all_mb=_mb(need_all), budget_mb=_mb(budget),
                 decode_tok_s=speed, notes=tuple(notes))
 

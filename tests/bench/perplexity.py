@@ -10,24 +10,7 @@ import math
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(__file__))
-
-
-def nll_windows(model, ids: list[int], window: int) -> tuple[float, int]:
-    """Sum of -log p over every predicted token in consecutive windows (each scored from scratch)."""
-    total, n = 0.0, 0
-    for s in range(0, len(ids) - 1, window):
-        w = ids[s:s + window]
-        if len(w) < 2:
-            break
-        logits = model.logits(w)[:-1].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        total -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
-        n += len(w) - 1
-    return total, n
 
 
 def main():
@@ -38,13 +21,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     import edge
+    from edge.evaluate import evaluate
     from heldout import fingerprint, heldout_text
     text = heldout_text()
     rows = []
     for b in a.bundles:
         m = edge.load(b, threads=a.threads, context_length=a.window)
         ids = m.text.encode(text)[:a.tokens]
-        nll, n = nll_windows(m, ids, a.window)
+        nll, n, _, _ = evaluate(m, ids, context=a.window, stride=a.window)   # disjoint windows
         size = sum(f.size for f in m.manifest.files) / 2**20
         rows.append((b, m.manifest.quant, size, math.exp(nll / n), n))
     base = rows[0][3]

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 def llama_worker(path: str, tokens: str, context: int, threads: int) -> dict:
     from llama_cpp import Llama
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "..", ".."))
-    from edge.evaluate import windows                     # pure Python + numpy: importable in the peers venv
+    from edge.evaluate import window_nll, windows         # numpy only: importable in the peers venv
     ids = np.fromfile(tokens, dtype="<u2").astype(np.int64).tolist()
     llm = Llama(model_path=path, n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads,
                 logits_all=True, verbose=False)
@@ -38,12 +38,8 @@ def llama_worker(path: str, tokens: str, context: int, threads: int) -> dict:
     for begin, end, first in windows(len(ids), context, context):
         llm.reset()
         llm.eval(ids[begin:end])
-        logits = np.asarray(llm.scores[first - 1 - begin:end - 1 - begin], np.float64)
-        target = np.asarray(ids[first:end])
-        top = logits.max(-1, keepdims=True)
-        lse = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
-        nll += float((lse - logits[np.arange(len(target)), target]).sum())
-        n += len(target)
+        nll += window_nll(llm.scores[first - 1 - begin:end - 1 - begin], ids[first:end])
+        n += end - first
     return dict(nll=nll / n, tokens=n, seconds=time.perf_counter() - t0)
 
 
