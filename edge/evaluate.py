@@ -56,8 +56,8 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def bits_per_weight(manifest) -> float:
-    """Bits stored per weight over every tensor the manifest lists: codes, plus 32-bit scales and
-    (asymmetric) zero points per block."""
+    """Bits stored per weight over every tensor the manifest lists: codes, plus each block's scale
+    (16 or 32 bits, as stored) and (asymmetric) zero point."""
     bits = n = 0
     for t in manifest.tensors:
         size = int(np.prod(t.shape))
@@ -67,7 +67,8 @@ def bits_per_weight(manifest) -> float:
             continue
         code = {"int8": 8, "int4": 4}[t.dtype]
         blocks = size / t.block_size
-        bits += code * size + blocks * (32 + (0 if t.symmetric else code))
+        scale = 16 if t.scale_dtype == "float16" else 32
+        bits += code * size + blocks * (scale + (0 if t.symmetric else code))
     return bits / n if n else 0.0
 
 

@@ -149,6 +149,7 @@ class TensorEntry:
     method: str = "none"         # "none", "rtn"
     block_size: int = 0
     symmetric: bool = True
+    scale_dtype: str = "float32"  # how the per-block scales are stored ("float16": cast to fp32 at load)
     max_rel_err: float = 0.0     # max |w - q(w)| / max |w| over the tensor
     rms_rel_err: float = 0.0     # ||w - q(w)|| / ||w||
 

@@ -55,8 +55,9 @@ class Tied:
 class _Emitter:
     """Adds weights to the graph and records each one's manifest entry."""
 
-    def __init__(self, g: Graph):
+    def __init__(self, g: Graph, *, half_scales: bool = True):
         self.g = g
+        self.half_scales = half_scales     # store fp16 scales as fp16 (False: the expert store keeps fp32)
         self.entries: list[TensorEntry] = []
         self.num_parameters = 0
         self.tied: Tied | None = None      # set by a quantized embedding stored in the data file
@@ -68,7 +69,22 @@ class _Emitter:
         else:
             self.entries.append(TensorEntry(name=name, shape=tuple(w.shape), dtype=scheme.dtype, method=scheme.method,
                                             block_size=scheme.block_size, symmetric=scheme.symmetric,
+                                            scale_dtype=self._scale_dtype(scheme),
                                             max_rel_err=max_rel, rms_rel_err=rms_rel))
+
+    def _scale_dtype(self, scheme: QuantScheme) -> str:
+        return "float16" if self.half_scales and scheme.scale_dtype == "float16" else "float32"
+
+    def scales(self, name: str, scales: np.ndarray, scheme: QuantScheme) -> str:
+        """The fp32 scales input of a quantized op. Stored as fp16 when the scheme says so (the values
+        are fp16-exact) behind a Cast that onnxruntime folds into an fp32 constant at load:
+
+            name.scales (fp16, in the data file) -> Cast(to=float) -> the op's scales input
+        """
+        if self._scale_dtype(scheme) == "float32":
+            return self.g.weight(name + ".scales", scales)
+        half = self.g.weight(name + ".scales", scales.astype(np.float16))
+        return self.g.op1("Cast", [half], name=name + "/scales", to=TensorProto.FLOAT)
 
     def plain(self, name: str, w: np.ndarray) -> str:
         self.record(name, w, None)
@@ -88,7 +104,7 @@ class _Emitter:
             return self.g.op("Add", [y, self.plain(name + ".bias", bias)], name=name + "/bias", outputs=outs)[0]
         q = quantize(w, scheme)
         self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err)
-        ins = [x, self.g.weight(name + ".qweight", q.packed), self.g.weight(name + ".scales", q.scales)]
+        ins = [x, self.g.weight(name + ".qweight", q.packed), self.scales(name, q.scales, scheme)]
         ins.append(self.g.weight(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
         if bias is not None:
             ins += ["", self.plain(name + ".bias", bias)]
@@ -102,10 +118,10 @@ class _Emitter:
         self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err)
         v = w.shape[0]
         data = q.packed.reshape(v, -1)                               # [V, H * bits / 8]
-        ins = [self.g.weight(name + ".qweight", data), ids, self.g.weight(name + ".scales", q.scales)]
+        ins = [self.g.weight(name + ".qweight", data), ids, self.scales(name, q.scales, scheme)]
         if q.zero_points is not None:
             ins.append(self.g.weight(name + ".zero_points", q.zero_points))
-        elif None not in (at := (self.g.offset_of(ins[0]), self.g.offset_of(ins[2]))):
+        elif None not in (at := (self.g.offset_of(ins[0]), self.g.offset_of(name + ".scales"))):
             self.tied = Tied(scheme, at[0], at[1], tuple(w.shape))
         return self.g.op1("GatherBlockQuantized", ins, name=name, domain=MS, gather_axis=0, quantize_axis=1,
                           block_size=scheme.block_size, bits=scheme.bits)
@@ -208,7 +224,10 @@ def lm_head(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.n
     if s.tie_word_embeddings and tied is not None and tied.scheme == scheme:
         (v, k), bs = tied.shape, scheme.block_size
         qw = g.shared_weight("lm_head.qweight", np.uint8, (v, k // bs, bs * scheme.bits // 8), tied.qweight_offset)
-        sc = g.shared_weight("lm_head.scales", np.float32, (v, k // bs), tied.scales_offset)
+        half = em._scale_dtype(scheme) == "float16"
+        sc = g.shared_weight("lm_head.scales", np.float16 if half else np.float32, (v, k // bs), tied.scales_offset)
+        if half:
+            sc = g.op1("Cast", [sc], name="lm_head/scales", to=TensorProto.FLOAT)
         g.op("MatMulNBits", [x, qw, sc], name="lm_head", outputs=["logits"], domain=MS, K=k, N=v,
              bits=scheme.bits, block_size=bs, accuracy_level=4)
     else:

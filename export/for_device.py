@@ -34,6 +34,6 @@ def device_defaults(config: dict, device: Device) -> tuple[str, int, str]:
     n = estimate_parameters(describe(config))
     int8_mb = n / 2**20
     if int8_mb <= device.usable_mb / 2:
-        return "int8", 32, f"{n / 1e6:.0f}M parameters at int8 ({int8_mb:.0f} MB) fit in half of {device.name}'s {device.usable_mb} MB"
+        return "int8", 16, f"{n / 1e6:.0f}M parameters at int8 ({int8_mb:.0f} MB) fit in half of {device.name}'s {device.usable_mb} MB"
     return "int4", 32, (f"{n / 1e6:.0f}M parameters at int8 ({int8_mb:.0f} MB) would take more than half of "
                         f"{device.name}'s {device.usable_mb} MB: int4")

@@ -54,7 +54,7 @@ class _Blob:
 def _expert_graph(blob: _Blob, gate, up, down, hidden: int, schemes, prefix: str):
     """The expert graph (x [T, H] -> y [T, H]) with this expert's weights in `blob`."""
     g = Graph(blob, inline_below=0)
-    em = _Emitter(g)
+    em = _Emitter(g, half_scales=False)      # the expert store keeps fp32 scales: QMoE reads them as is
     x = g.input("x", TensorProto.FLOAT, ["T", hidden])
     swiglu_mlp(g, em, x, gate, up, down, prefix, schemes, out="y")
     g.output("y", TensorProto.FLOAT, ["T", hidden])

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 ALIGN = 4096
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 
-_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint8): TensorProto.UINT8,
+_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.uint8): TensorProto.UINT8,
            np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32}
 
 

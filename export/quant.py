@@ -4,15 +4,19 @@ A weight W [N, K] (a Hugging Face Linear weight: N outputs, K inputs) is cut alo
 blocks of `block_size`; each block gets one fp32 scale (and a zero point when asymmetric).
 
     B            uint8 [N, n_blocks, block_size * bits / 8]   int4: element k in the low nibble when k is even
-    scales       fp32  [N, n_blocks]
+    scales       fp32  [N, n_blocks]   (with scale_dtype float16 the values are fp16-exact: the bundle
+                                        stores 16 bits per block, as llama.cpp's Q4_0/Q8_0 do)
     zero_points  uint8 [N, ceil(n_blocks / 2)] (int4, nibble-packed) or [N, n_blocks] (int8); absent when
                  symmetric (onnxruntime then assumes 8 for int4 and 128 for int8)
 
 Methods (QuantScheme.method, recorded per tensor in the manifest):
   rtn  round to nearest: the block's largest-magnitude value maps to the extreme code
-  mse  data-free search per block (in the spirit of llama.cpp's make_qx_quants and HQQ): try a grid
-       of scales, round, refit the scale by least squares to the codes chosen, keep the one with
-       the smallest squared error. Same size and speed as rtn; export takes a few times longer.
+  mse  data-free search per block (in the spirit of llama.cpp's make_qx_quants): try a grid of
+       scales around round-to-nearest's, round, refit the scale by weighted least squares to the
+       codes chosen, keep the one with the smallest weighted error. The weight of an element is
+       sqrt(mean(w^2) + w^2) of its row (large weights matter more: an unweighted search clips
+       the outliers that carry the model), times the per-input-channel importance when given.
+       Same size and speed as rtn; export takes a few times longer.
 
 The reader is onnxruntime itself; `dequantize` here mirrors it and gives the reported error.
 """
@@ -26,7 +30,8 @@ from edge.errors import ConfigError
 
 
 METHODS = ("rtn", "mse")
-_GRID = np.linspace(0.0, 2.0, 17)          # mse: candidate |code| the block's peak maps to, minus nominal
+SCALE_DTYPES = ("float16", "float32")
+_GRID = np.linspace(-1.0, 1.0, 21)         # mse: candidate |code| the block's peak maps to, minus nominal
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class QuantScheme:
     block_size: int      # 16, 32, 64, 128, 256
     symmetric: bool = True
     method: str = "rtn"  # round to nearest
+    scale_dtype: str = "float16"
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -43,6 +49,8 @@ class QuantScheme:
             raise ConfigError(f"block_size must be one of 16, 32, 64, 128, 256, not {self.block_size}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown quantization method {self.method!r} (supported: {', '.join(METHODS)})")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, not {self.scale_dtype!r}")
 
     @property
     def dtype(self) -> str:
@@ -64,7 +72,23 @@ def _levels(bits: int) -> tuple[int, int]:
     return (1 << bits) - 1, 1 << (bits - 1)   # (max code, implied symmetric zero point)
 
 
-def _quantize_rows(w: np.ndarray, scheme: QuantScheme):
+def _weights(blocks: np.ndarray, k: int, importance: np.ndarray | None) -> np.ndarray:
+    """mse's per-element weights [n, n_blocks, bs]: sqrt(row mean square + w^2) x importance."""
+    n, nb, bs = blocks.shape
+    sigma2 = np.square(blocks).sum((1, 2), keepdims=True) / k                  # [n, 1, 1]
+    wt = np.sqrt(sigma2 + np.square(blocks))
+    if importance is not None:
+        imp = np.zeros(nb * bs, np.float32)
+        imp[:k] = importance
+        wt = wt * imp.reshape(1, nb, bs)
+    return wt
+
+
+def _half(scales: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    return scales.astype(np.float16).astype(np.float32) if scheme.scale_dtype == "float16" else scales
+
+
+def _quantize_rows(w: np.ndarray, scheme: QuantScheme, importance: np.ndarray | None = None):
     """Codes [n, n_blocks, bs], scales [n, n_blocks], zero points [n, n_blocks], squared error, max error."""
     n, k = w.shape
     bs = scheme.block_size
@@ -74,18 +98,23 @@ def _quantize_rows(w: np.ndarray, scheme: QuantScheme):
     blocks = wp.reshape(n, nb, bs)                                   # [n, n_blocks, bs]
     qmax, zsym = _levels(scheme.bits)
     if scheme.method == "mse":
-        q, scales, zp = (_mse_symmetric if scheme.symmetric else _mse_asymmetric)(blocks, qmax, zsym)
+        wt = _weights(blocks, k, importance)
+        q, scales, zp = (_mse_symmetric if scheme.symmetric else _mse_asymmetric)(blocks, wt, qmax, zsym)
+        scales = _half(scales, scheme)
+        if scheme.scale_dtype == "float16":    # codes for the scale as stored
+            safe = np.where(scales == 0, 1.0, scales)[..., None]
+            q = np.clip(np.round(blocks / safe) + zp[..., None], 0, qmax).astype(np.uint8)
     elif scheme.symmetric:
         # the signed value of largest magnitude maps to the most negative code (as llama.cpp's
         # Q4_0 does): all 2^bits levels are used, not 2^bits - 1
         idx = np.abs(blocks).argmax(-1)[..., None]
         peak = np.take_along_axis(blocks, idx, -1)[..., 0]           # [n, n_blocks]
-        scales = (peak / -zsym).astype(np.float32)
+        scales = _half((peak / -zsym).astype(np.float32), scheme)
         zp = np.full_like(scales, zsym)
     else:
         lo = np.minimum(blocks.min(-1), 0.0)
         hi = np.maximum(blocks.max(-1), 0.0)
-        scales = ((hi - lo) / qmax).astype(np.float32)
+        scales = _half(((hi - lo) / qmax).astype(np.float32), scheme)
         zp = np.clip(np.round(-lo / np.where(scales == 0, 1.0, scales)), 0, qmax)
     if scheme.method != "mse":
         safe = np.where(scales == 0, 1.0, scales)[..., None]
@@ -94,20 +123,21 @@ def _quantize_rows(w: np.ndarray, scheme: QuantScheme):
     return q, scales, zp, float(np.square(err, dtype=np.float64).sum()), float(np.abs(err).max())
 
 
-def _mse_symmetric(blocks: np.ndarray, qmax: int, zsym: int):
-    """Codes centred on zsym: for each candidate, peak -> -(zsym + g) or +(zsym - 1 + g), round, then
-    the least-squares scale for those codes; keep the best per block."""
+def _mse_symmetric(blocks: np.ndarray, wt: np.ndarray, qmax: int, zsym: int):
+    """Codes centred on zsym: for each candidate g, the block's signed peak maps to -(zsym + g) (g = 0 is
+    round to nearest; g > 0 clips the peak a little, g < 0 leaves the top code unused), round, then the
+    weighted least-squares scale for those codes; keep the best per block."""
     idx = np.abs(blocks).argmax(-1)[..., None]
     peak = np.take_along_axis(blocks, idx, -1)                       # [n, nb, 1]
     safe_peak = np.where(peak == 0, 1.0, peak)
     best_err = np.full(blocks.shape[:2], np.inf, np.float32)
     best_q = np.zeros(blocks.shape, np.int16)
     best_s = np.zeros(blocks.shape[:2], np.float32)
-    for target in np.concatenate([-(zsym + _GRID), zsym - 1 + _GRID]):
+    for target in -(zsym + _GRID):
         q = np.clip(np.round(blocks * (target / safe_peak)), -zsym, qmax - zsym)       # [n, nb, bs]
-        qq = np.square(q).sum(-1)
-        s = np.where(qq > 0, (blocks * q).sum(-1) / np.where(qq > 0, qq, 1.0), 0.0)
-        e = np.square(blocks - s[..., None] * q).sum(-1)
+        qq = (wt * np.square(q)).sum(-1)
+        s = np.where(qq > 0, (wt * blocks * q).sum(-1) / np.where(qq > 0, qq, 1.0), 0.0)
+        e = (wt * np.square(blocks - s[..., None] * q)).sum(-1)
         better = e < best_err
         best_err = np.where(better, e, best_err)
         best_s = np.where(better, s, best_s)
@@ -116,7 +146,7 @@ def _mse_symmetric(blocks: np.ndarray, qmax: int, zsym: int):
     return (best_q + zsym).astype(np.uint8), best_s.astype(np.float32), zp
 
 
-def _mse_asymmetric(blocks: np.ndarray, qmax: int, zsym: int):
+def _mse_asymmetric(blocks: np.ndarray, wt: np.ndarray, qmax: int, zsym: int):
     """Shrink [min, max] towards its centre by each candidate factor, quantize, keep the best per block."""
     lo0, hi0 = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)
     best_err = np.full(blocks.shape[:2], np.inf, np.float32)
@@ -127,7 +157,7 @@ def _mse_asymmetric(blocks: np.ndarray, qmax: int, zsym: int):
         safe = np.where(s == 0, 1.0, s)
         zp = np.clip(np.round(-lo / safe), 0, qmax)
         q = np.clip(np.round(blocks / safe[..., None]) + zp[..., None], 0, qmax)
-        e = np.square((q - zp[..., None]) * s[..., None] - blocks).sum(-1)
+        e = (wt * np.square((q - zp[..., None]) * s[..., None] - blocks)).sum(-1)
         better = e < best_err
         best_err = np.where(better, e, best_err)
         best = (q, s, zp) if best is None else tuple(np.where(better[..., None] if a.ndim == 3 else better, a, b)
@@ -136,8 +166,10 @@ def _mse_asymmetric(blocks: np.ndarray, qmax: int, zsym: int):
     return q.astype(np.uint8), s.astype(np.float32), zp
 
 
-def quantize(w: np.ndarray, scheme: QuantScheme, *, rows_per_chunk: int = 2048) -> Quantized:
+def quantize(w: np.ndarray, scheme: QuantScheme, *, importance: np.ndarray | None = None,
+             rows_per_chunk: int = 2048) -> Quantized:
     """Quantize W [N, K] blockwise along K; returns the packed tensors and the error made.
+    `importance` [K] (mse only): how much each input channel matters, e.g. mean squared activations.
     Works through `rows_per_chunk` rows at a time so temporaries stay small."""
     n, k = w.shape
     bs, bits = scheme.block_size, scheme.bits
@@ -149,7 +181,7 @@ def quantize(w: np.ndarray, scheme: QuantScheme, *, rows_per_chunk: int = 2048) 
     max_err = peak = 0.0
     for r in range(0, n, rows_per_chunk):
         chunk = np.asarray(w[r:r + rows_per_chunk], dtype=np.float32)
-        q, sc, zp, e2, emax = _quantize_rows(chunk, scheme)
+        q, sc, zp, e2, emax = _quantize_rows(chunk, scheme, importance)
         packed[r:r + len(chunk)] = (q[..., 0::2] | (q[..., 1::2] << 4)) if bits == 4 else q
         scales[r:r + len(chunk)] = sc
         zps[r:r + len(chunk)] = zp

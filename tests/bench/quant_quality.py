@@ -7,8 +7,10 @@
 The held-out text (tests/bench/heldout.py) is tokenized once by the first edge bundle; llama.cpp
 (llama-cpp-python, logits_all) scores the very same token ids in the very same windows (context
 512, disjoint; a window's first token unscored), so perplexities are comparable across engines
-and each engine's deltas are against its own unquantized model. Size is the files on disk
-(bundle folder / GGUF file); bits per weight = size x 8 / parameters.
+and each engine's deltas are against its own unquantized model. MB is the files on disk (bundle
+folder / GGUF file, tokenizer and graphs included); bits/w counts the weight tensors only: codes
+and per-block scales and zero points as stored (edge: from the manifest; GGUF: each tensor's
+bytes), over the model's parameters.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ def llama_worker(path: str, tokens: str, context: int, threads: int) -> dict:
     return dict(nll=nll / n, tokens=n, seconds=time.perf_counter() - t0)
 
 
-def gguf_parameters(path: str) -> int:
+def gguf_weights(path: str) -> tuple[int, int]:
+    """(parameters, bytes of their tensors) of a GGUF file."""
     from gguf import GGUFReader
-    return int(sum(int(np.prod(t.shape)) for t in GGUFReader(path).tensors))
+    ts = GGUFReader(path).tensors
+    return int(sum(int(t.n_elements) for t in ts)), int(sum(int(t.n_bytes) for t in ts))
 
 
 def main() -> int:
@@ -64,7 +68,7 @@ def main() -> int:
         return 0
 
     import edge
-    from edge.evaluate import evaluate
+    from edge.evaluate import bits_per_weight, evaluate
     from heldout import fingerprint, heldout_text
     text = heldout_text()
     rows = []
@@ -77,7 +81,7 @@ def main() -> int:
                 print(f"note: the text has only {len(ids)} tokens", file=sys.stderr)
         nll, n, secs, _ = evaluate(m, ids, context=a.context, stride=a.context)
         size = sum(f.size for f in m.manifest.files)
-        rows.append(dict(engine="edge", model=b, size_mb=size / 2**20, bpw=size * 8 / m.manifest.model.num_parameters,
+        rows.append(dict(engine="edge", model=b, size_mb=size / 2**20, bpw=bits_per_weight(m.manifest),
                          ppl=math.exp(nll / n), tokens=n, seconds=secs))
         print(f"  edge {b}: {rows[-1]['ppl']:.4f}", file=sys.stderr, flush=True)
         del m
@@ -92,8 +96,8 @@ def main() -> int:
                 return 1
             r = json.loads(p.stdout.strip().splitlines()[-1])
             size = os.path.getsize(g)
-            params = gguf_parameters(g)
-            rows.append(dict(engine="llama.cpp", model=os.path.basename(g), size_mb=size / 2**20, bpw=size * 8 / params,
+            params, nbytes = gguf_weights(g)
+            rows.append(dict(engine="llama.cpp", model=os.path.basename(g), size_mb=size / 2**20, bpw=nbytes * 8 / params,
                              ppl=math.exp(r["nll"]), tokens=r["tokens"], seconds=r["seconds"]))
             print(f"  llama.cpp {g}: {rows[-1]['ppl']:.4f}", file=sys.stderr, flush=True)
     print(f"\nheld-out text sha256 {fingerprint(text)}; {rows[0]['tokens']} tokens scored in windows of {a.context}\n")
