@@ -75,7 +75,7 @@ class ExpertCache:
         self.score = np.zeros((layers, moe.num_experts), np.float64)
         self.decay = decay
         self.stats = CacheStats()
-        self.prefetcher = None                    # edge.prefetch.Prefetcher, set by the decoder
+        self.prefetcher = None                    # edge.prefetch.Prefetcher (reads ahead), set by the decoder
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -154,14 +154,21 @@ class ExpertCache:
             return item
 
     def _load(self, key) -> _Expert:
-        """A staged guess of the prefetcher, or read the expert and build its session now.
-        Prepacking copies every weight, so the read buffer is free for the next miss as soon as
-        the session exists (a test checks this)."""
-        if self.prefetcher is not None and (item := self.prefetcher.take(key)) is not None:
-            return item
-        blob = self._read(key)
+        """Build the expert's session from a blob the prefetcher read ahead, or read it now.
+        Prepacking copies every weight, so a buffer is free for the next read as soon as the
+        session exists (a test checks this)."""
+        pf = self.prefetcher
+        buf = pf.take(key) if pf is not None else None
+        if buf is None:
+            blob = self._read(key)
+        else:
+            blob = buf[:self.entries[key].size]
         t0 = time.perf_counter()
-        item = self._build(blob)
+        try:
+            item = self._build(blob)
+        finally:
+            if buf is not None:
+                pf.give_back(buf)
         self.stats.build_s += time.perf_counter() - t0
         return item
 

@@ -58,15 +58,17 @@ class BlobReader:
         except OSError:
             return False
 
-    def read(self, offset: int, size: int, *, what: str = "blob") -> np.ndarray:
-        """Bytes [offset, offset + size) of the file, in the reader's buffer (valid until the next read)."""
+    def read(self, offset: int, size: int, *, what: str = "blob", into: np.ndarray | None = None) -> np.ndarray:
+        """Bytes [offset, offset + size) of the file, in the reader's buffer (valid until the next read)
+        or in `into` (a buffer from `buffer()`)."""
+        buf = self.buf if into is None else into
         where = f"{what} at offset {offset} ({size} bytes) of {self.path}"
-        if size > self.buf.size or offset < 0:
+        if size > buf.size or offset < 0:
             raise BundleError(f"{where}: larger than the manifest's largest blob")
         if offset + size > self.file_size:
             raise BundleError(f"{where}: the file has only {self.file_size} bytes; the bundle is truncated")
         span = -(-size // ALIGN) * ALIGN if self.direct else size
-        view = memoryview(self.buf)[:span]
+        view = memoryview(buf)[:span]
         done = 0
         try:
             while done < size:
@@ -79,7 +81,11 @@ class BlobReader:
             raise BundleError(f"{where}: read failed: {e.strerror}") from None
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_DONTNEED)
-        return self.buf[:size]
+        return buf[:size]
+
+    def buffer(self) -> np.ndarray:
+        """Another page-aligned buffer that `read(..., into=)` can fill (one blob's size)."""
+        return _aligned_buffer(self.buf.size)
 
     def close(self) -> None:
         if getattr(self, "fd", -1) >= 0:

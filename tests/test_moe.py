@@ -34,7 +34,8 @@ def test_small_expert_cache_gives_identical_tokens(tiny_bundle, arch, quant):
 
 def test_prefetch_guesses_are_scored_and_change_nothing(tiny_bundle):
     """The next layer's router on the current hidden state guesses its experts; with prefetch on,
-    guesses are built in the background, and greedy output stays that of the all-resident run."""
+    misses and guesses are read ahead in the background, and greedy output stays that of the
+    all-resident run."""
     b = tiny_bundle("mixtral", "int4")
     want = edge.load(b, threads=1, context_length=64, expert_capacity=8).generate_ids([5, 17, 99, 3], max_new_tokens=16)
     for prefetch in (False, True):
@@ -45,7 +46,9 @@ def test_prefetch_guesses_are_scored_and_change_nothing(tiny_bundle):
         assert g.guessed > 0 and 0 < g.precision <= 1 and g.recall == g.precision       # top-k guesses of top-k
         assert (m.decoder.experts.prefetcher is not None) == prefetch
         if prefetch:
-            assert g.loaded > 0 and g.served + g.wasted <= g.loaded + 1
+            assert g.loaded > 0 and g.served > 0 and g.served + g.wasted <= g.loaded
+            pf = m.decoder.experts.prefetcher
+            assert len(pf.free) + len(pf.staged) + len(pf.busy) == 2 * m.manifest.moe.top_k   # no buffer lost
             thread = m.decoder.experts.prefetcher.thread
             m.decoder.experts.close()
             assert not thread.is_alive()
@@ -122,7 +125,7 @@ def test_smolmoe_int4_quarter_cache_identical(smolmoe_hf, workdir):
     from test_smollm2 import greedy
 
     from export import ExportOptions, export_model
-    b = export_model(str(smolmoe_hf), workdir / "smolmoe-int4", ExportOptions(quant="int4"), progress=False).out
+    b = export_model(str(smolmoe_hf), workdir / "smolmoe-int4", ExportOptions(quant="int4", method="rtn"), progress=False).out
     ids = edge.load(b, threads=2, context_length=128).encode("The robot picked up the box and")
     want = greedy(edge.load(b, threads=2, context_length=128, expert_capacity=240), ids, 16)
     quarter = edge.load(b, threads=2, context_length=128, expert_capacity=60)   # 25% of 240 experts
@@ -137,7 +140,8 @@ def test_memory_budget_sizes_the_cache_and_names_the_minimum(tiny_bundle):
         edge.load(b, threads=1, context_length=64, memory_budget="10MB")
     minimum = int(re.search(r"needs at least (\d+) MB", str(err.value)).group(1))
     roomy = edge.load(b, threads=1, context_length=64, memory_budget="64GB")
-    assert roomy.decoder.experts.capacity == len(roomy.manifest.moe.experts)
+    assert roomy.decoder.plan.capacity >= len(roomy.manifest.moe.experts)
+    assert type(roomy.decoder).__name__ == "Decoder"          # every expert fits: the fused graph runs
     tight = edge.load(b, threads=1, context_length=64, memory_budget=f"{minimum + 16}MB")   # the process grew meanwhile
     assert tight.decoder.plan.budget == (minimum + 16) << 20
     ids = [5, 17, 99, 3, 250]
