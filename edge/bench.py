@@ -77,21 +77,32 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
     cache = getattr(model.decoder, "experts", None)
     before = dataclasses.replace(cache.stats) if cache else None
     guesser = getattr(model.decoder, "guesser", None)
-    g0 = dataclasses.replace(guesser.stats) if guesser else None
+    pf = cache.prefetcher if cache else None
+    pstats = pf.stats if pf else guesser.stats if guesser else None      # one object when both exist
+    g0 = dataclasses.replace(pstats) if pstats else None
     runs = [run_once(model, ids, gen_tokens) for _ in range(repeat)]
     experts = None
     if cache:
         s, n = cache.stats, repeat * gen_tokens
         hits, misses = s.hits - before.hits, s.misses - before.misses
+        g = pstats
+        read = s.bytes_read - before.bytes_read + (g.bytes_read - g0.bytes_read if pf else 0)
+        waited = g.waited_s - g0.waited_s if pf else 0.0
+        # per generated token; the prompts' misses are included (each run is prompt + generation)
         experts = dict(capacity=cache.capacity, total=len(cache.entries), policy=cache.policy,
-                       hit_rate=hits / max(1, hits + misses), mb_read_per_token=(s.bytes_read - before.bytes_read) / 2**20 / n,
-                       stall_ms_per_token=1e3 * (s.read_s + s.build_s - before.read_s - before.build_s) / n)
-        if guesser:
-            g = guesser.stats
+                       hit_rate=hits / max(1, hits + misses), mb_read_per_token=read / 2**20 / n,
+                       read_ms_per_token=1e3 * (s.read_s - before.read_s + waited) / n,
+                       build_ms_per_token=1e3 * (s.build_s - before.build_s) / n,
+                       stall_ms_per_token=1e3 * (s.read_s + s.build_s - before.read_s - before.build_s + waited) / n)
+        if pstats:
             tp, guessed, used = g.correct - g0.correct, g.guessed - g0.guessed, g.used - g0.used
-            experts.update(prefetch=cache.prefetcher is not None,
+            experts.update(prefetch=pf is not None,
                            prefetch_precision=tp / guessed if guessed else 0.0, prefetch_recall=tp / used if used else 0.0,
                            prefetch_served=g.served - g0.served, prefetch_wasted=g.wasted - g0.wasted)
+    elif model.manifest.moe is not None:           # every expert resident, in the fused graph
+        n = len(model.manifest.moe.experts)
+        experts = dict(capacity=n, total=n, policy="all resident (fused graph)", hit_rate=1.0, mb_read_per_token=0.0,
+                       read_ms_per_token=0.0, build_ms_per_token=0.0, stall_ms_per_token=0.0)
     ttft = statistics.median(r[0] for r in runs)
     dec = statistics.median(r[1] for r in runs)
     return BenchResult(bundle=str(path), quant=model.manifest.quant, threads=model.threads, prompt_tokens=prompt_tokens,

@@ -50,17 +50,19 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
            quant: Optional[str] = typer.Option(None, help="fp32 | int8 | int4 for the linear layers (default: int4, "
                                                "or chosen for --device)."),
            block_size: Optional[int] = typer.Option(None, help="Quantization block size: 16, 32, 64, 128, 256 "
-                                                    "(default 32)."),
+                                                    "(default 16 for int8, 32 for int4)."),
            device: Optional[str] = typer.Option(None, "--device", help="Choose quantization defaults for a device "
                                                 "profile (see `edge devices list`)."),
            asymmetric: bool = typer.Option(False, "--asymmetric", help="Use zero points (asymmetric quantization)."),
-           method: str = typer.Option("rtn", help="rtn (round to nearest) | mse (per-block scale search: "
-                                      "lower error, same size and speed, slower export)."),
+           method: str = typer.Option("auto", help="mse (weighted per-block scale search: lower error, same size "
+                                      "and speed, slower export) | rtn (round to nearest) | auto (mse for int4, "
+                                      "rtn for int8)."),
            quant_policy: str = typer.Option("", "--quant-policy", help="Per kind of weight, e.g. "
                                             "'attention=int8,down=int8,experts=int4/64' (kinds: attention, mlp, "
                                             "mlp_down, experts, experts_down, down, embed, lm_head)."),
            embed_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)."),
-           lm_head_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (same as --quant)."),
+           lm_head_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (a tied head: as the "
+                                                 "embedding, stored once; else as --quant)."),
            max_context: int = typer.Option(0, help="Cap the context the bundle supports (0: the model's)."),
            force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
@@ -76,7 +78,7 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
         q, bs, why = device_defaults(open_source(src).config, resolve_device(device))
         quant, block_size = quant or q, block_size or bs
         print(f"[{why}; block size {block_size}]", file=sys.stderr)
-    quant, block_size = quant or "int4", block_size or 32
+    quant, block_size = quant or "int4", block_size or 0
     opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, method=method,
                          embed_quant=embed_quant, lm_head_quant=lm_head_quant, quant_policy=quant_policy,
                          max_context=max_context)
@@ -223,11 +225,12 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
         e = r.experts
         rows += [("expert cache", f"{e['capacity']} of {e['total']} experts resident, policy {e['policy']}"),
                  ("expert hit rate", f"{e['hit_rate']:.1%}"), ("read per token", f"{e['mb_read_per_token']:.1f} MB"),
-                 ("stalled on misses", f"{e['stall_ms_per_token']:.1f} ms per token")]
+                 ("stalled on misses", f"{e['stall_ms_per_token']:.1f} ms per token (reading "
+                                       f"{e['read_ms_per_token']:.1f}, building sessions {e['build_ms_per_token']:.1f})")]
         if "prefetch_precision" in e:
             rows.append(("next-layer guesses", f"precision {e['prefetch_precision']:.1%}, recall {e['prefetch_recall']:.1%}"
-                         + (f"; prefetch on: {e['prefetch_served']} misses served, {e['prefetch_wasted']} wasted"
-                            if e["prefetch"] else " (prefetch off)")))
+                         + (f"; read ahead: {e['prefetch_served']} misses served, {e['prefetch_wasted']} unused"
+                            if e["prefetch"] else " (read-ahead off)")))
     print_table(rows)
 
 
@@ -276,20 +279,21 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
 
 
 @app.command("eval")
-def eval_(bundle: str, text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file to score."),
+def eval_(bundle: List[str] = typer.Argument(..., help="Bundle(s); the first is the reference."),
+          text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file to score."),
           tokens: Optional[str] = typer.Option(None, "--tokens", help="Token ids as little-endian uint16 (.u16)."),
           context: int = typer.Option(512, "--context", help="Window length in tokens."),
           stride: Optional[int] = typer.Option(None, "--stride", help="Window step (default: the context; "
                                                "smaller gives scored tokens more left context)."),
           max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens."),
           compare: Optional[List[str]] = typer.Option(None, "--compare", help="More bundles to score on the same "
-                                                      "tokens (repeatable); deltas are against BUNDLE."),
+                                                      "tokens (`--compare B2 B3`); deltas are against the first."),
           threads: Optional[int] = _THREADS, memory_budget: Optional[str] = _BUDGET,
           as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Perplexity on a text with a sliding window; with --compare, one table of bundles side by side
     (size, bits per weight, perplexity, delta, top-1 agreement with the first)."""
     from .evaluate import compare as run_compare
-    bundles = [bundle, *(compare or [])]
+    bundles = [bundle[0], *(compare or []), *bundle[1:]]     # `--compare B2 B3`: B3 arrives as a positional
 
     def show(r):
         if not as_json:

@@ -89,6 +89,8 @@ def step_ids(ids, position: int, context_length: int) -> tuple[np.ndarray, int]:
 
 
 class Decoder:
+    plan = None         # a MoE load under a budget that holds every expert keeps its MemoryPlan here
+
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int, graph: GraphSpec | None = None):
         g = graph or bundle.manifest.graph
         check_context_length(context_length, bundle.manifest.model.max_context)

@@ -18,6 +18,7 @@ import numpy as np
 from .bundle import Bundle, open_bundle
 from .engine import Decoder, default_threads
 from .errors import ConfigError, ContextError
+from .memory import trim_heap
 from .sampling import Sampler, SamplingParams
 from .text import StopStrings, StreamDecoder, Text
 
@@ -56,6 +57,15 @@ class Model:
             self.decoder = MoEDecoder(bundle, threads=threads, context_length=context_length,
                                       expert_capacity=expert_capacity, memory_budget=memory_budget,
                                       policy=expert_policy, prefetch=prefetch)
+            plan = self.decoder.plan
+            if m.moe.fused is not None and plan is not None and plan.capacity >= len(m.moe.experts):
+                # the budget holds every expert as a session: the fused graph holds them in less
+                # (SmolMoE int4: peak RSS 681 MB vs 792 MB planned) and runs faster (115 vs 78 tok/s)
+                self.decoder.close()
+                self.decoder = None
+                trim_heap()
+                self.decoder = Decoder(bundle, threads=threads, context_length=context_length, graph=m.moe.fused)
+                self.decoder.plan = plan
         else:
             self.decoder = Decoder(bundle, threads=threads, context_length=context_length)
         self.threads = threads

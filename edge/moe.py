@@ -14,7 +14,7 @@ import onnxruntime as ort
 from .bundle import Bundle
 from .engine import check_context_length, open_session, pooled_options, step_ids, use_global_pool
 from .experts import ExpertCache
-from .prefetch import Guesser, Prefetcher, load_routers
+from .prefetch import Guesser, Prefetcher, PrefetchStats, load_routers
 from .errors import BudgetError, ConfigError
 from .memory import release_file_pages, return_freed_memory, status, trim_heap
 
@@ -75,15 +75,17 @@ class MemoryPlan:
     headroom: int
     per_expert: int        # resident cost of one cached expert (measured)
     capacity: int          # experts the cache may hold
+    read_ahead: int = 0    # the prefetcher's read buffers
 
     @property
     def minimum(self) -> int:
-        return self.base + self.kv_cache + self.headroom + 2 * self.per_expert
+        return self.base + self.kv_cache + self.headroom + 2 * self.per_expert + self.read_ahead
 
     def describe(self) -> str:
         mb = lambda b: f"{b / 2**20:.0f} MB"
         return (f"dense part {mb(self.base)} + KV cache {mb(self.kv_cache)} + headroom {mb(self.headroom)} "
-                f"+ {mb(self.per_expert)} per resident expert")
+                f"+ {mb(self.per_expert)} per resident expert"
+                + (f" + read-ahead buffers {mb(self.read_ahead)}" if self.read_ahead else ""))
 
 
 def parse_bytes(v) -> int:
@@ -121,7 +123,8 @@ class MoEDecoder:
         n_all = len(self.moe.experts)
         return_freed_memory()                  # evicted experts' memory goes back to the OS, not to a heap
         self.plan = None
-        slots = self.moe.top_k if prefetch and self.moe.routers else 0     # staged guesses: one layer's top-k
+        # read-ahead buffers: this layer's misses and the next layer's guessed top-k
+        slots = 2 * self.moe.top_k if prefetch else 0
         if memory_budget is not None:
             self.plan = self._plan(bundle, parse_bytes(memory_budget), policy, slots)
             expert_capacity = self.plan.capacity
@@ -129,12 +132,15 @@ class MoEDecoder:
             expert_capacity = n_all
         self.experts = ExpertCache(bundle, capacity=min(expert_capacity, n_all), policy=policy)
         self.guesser = None
-        if self.moe.routers and self.experts.capacity < n_all:
-            routers = load_routers(bundle.path(self.moe.router_file), self.moe.routers, self.hidden,
-                                   self.moe.num_experts)
-            self.guesser = Guesser(routers, self.moe.top_k)
+        if self.experts.capacity < n_all:
+            stats = None
+            if self.moe.routers:
+                routers = load_routers(bundle.path(self.moe.router_file), self.moe.routers, self.hidden,
+                                       self.moe.num_experts)
+                self.guesser = Guesser(routers, self.moe.top_k)
+                stats = self.guesser.stats
             if slots:
-                self.experts.prefetcher = Prefetcher(self.experts, slots=slots, stats=self.guesser.stats)
+                self.experts.prefetcher = Prefetcher(self.experts, slots=slots, stats=stats or PrefetchStats())
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self.position = 0
@@ -179,14 +185,20 @@ class MoEDecoder:
         # path; SmolMoE: all 66 MB of stages.onnx.data): count them in the dense part. They are
         # dropped again when a generation ends (reset).
         base += self._data_bytes
-        # room for experts that run once, and for the prefetcher's staged guesses and read buffer
-        free = budget - base - kv - HEADROOM - 2 * per_expert - slots * per_expert - (blob if slots else 0)
-        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert))
+        # room for experts that run once, and for the prefetcher's read-ahead buffers (+ its probe buffer)
+        read_ahead = (slots + 1) * blob if slots else 0
+        free = budget - base - kv - HEADROOM - 2 * per_expert - read_ahead
+        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), read_ahead)
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
             raise BudgetError(f"memory budget {budget / 2**20:.0f} MB is too small for this model at context "
                               f"{self.context_length}: it needs at least {plan.minimum / 2**20:.0f} MB "
                               f"({plan.describe()}); raise the budget or lower the context length")
         return plan
+
+    def close(self) -> None:
+        """Drop every session and stop the read-ahead thread."""
+        self.experts.close()
+        self.stages = []
 
     def reset(self) -> None:
         self.position = 0
@@ -203,6 +215,8 @@ class MoEDecoder:
     def _mix(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """Σ_k w_k · expert_k(x) per token; x [T, H], logits [T, E] -> [T, H]."""
         ids, w = route(logits, self.moe.top_k, self.moe.normalize_topk)
+        if self.experts.prefetcher is not None:
+            self.experts.prefetcher.want(layer, np.unique(ids))          # read misses while others build
         out = np.zeros_like(x)
         io, oo = self.moe.expert_input, self.moe.expert_output
         if x.shape[0] == 1:                                   # decode: no gathering needed
@@ -244,11 +258,13 @@ class MoEDecoder:
             st.session.run_with_iobinding(st.io)
             top, w = route(logits, K, norm)
             top, w = top[0], w[0]
+            if pf is not None:
+                pf.want(layer, top)                           # a second miss is read while the first builds
             if guesser is not None:
                 guesser.check(layer, top)
                 guess = guesser.guess(layer, b["x"][0])
                 if pf is not None and guess is not None:
-                    pf.want(layer + 1, guess)                 # built in the background while these run
+                    pf.want(layer + 1, guess)                 # read in the background while these run
             for k in range(K):
                 self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)
             np.multiply(self._y[0][0], w[0], out=hidden)

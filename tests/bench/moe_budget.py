@@ -31,8 +31,10 @@ def worker_edge(path, ids, gen, budget, policy):
     from edge.memory import status
     m = edge.load(path, threads=2, context_length=len(ids) + gen, memory_budget=budget, expert_policy=policy)
     run_once(m, ids, 8)
-    c = m.decoder.experts
-    h0, m0, b0 = c.stats.hits, c.stats.misses, c.stats.bytes_read
+    from edge.experts import CacheStats
+    c = getattr(m.decoder, "experts", None)       # None: the budget holds every expert, in the fused graph
+    st = c.stats if c else CacheStats(hits=1)
+    h0, m0, b0 = st.hits, st.misses, st.bytes_read
     ttft, dec = run_once(m, ids, gen)
     d = m.decoder
     d.reset()
@@ -41,11 +43,11 @@ def worker_edge(path, ids, gen, budget, policy):
     for _ in range(31):
         tok = int(np.argmax(d.forward([tok])))
         tokens.append(tok)
-    hits, misses = c.stats.hits - h0, c.stats.misses - m0
-    return dict(prompt_tok_s=len(ids) / ttft, decode_tok_s=(gen - 1) / dec, peak_rss_mb=status()["VmHWM"] / 2**20,
-                hit_rate=hits / max(1, hits + misses), mb_read_per_token=(c.stats.bytes_read - b0) / 2**20 / gen,
-                capacity=c.capacity, stall_s_per_token=(c.stats.read_s + c.stats.build_s) / max(1, c.stats.misses)
-                * (misses / gen), tokens=tokens)
+    hits, misses = st.hits - h0 or 1, st.misses - m0
+    return dict(fused=c is None, prompt_tok_s=len(ids) / ttft, decode_tok_s=(gen - 1) / dec, peak_rss_mb=status()["VmHWM"] / 2**20,
+                hit_rate=hits / max(1, hits + misses), mb_read_per_token=(st.bytes_read - b0) / 2**20 / gen,
+                capacity=c.capacity if c else len(m.manifest.moe.experts),
+                stall_s_per_token=(st.read_s + st.build_s) / max(1, st.misses) * (misses / gen), tokens=tokens)
 
 
 def worker_llama(path, ids, gen):
