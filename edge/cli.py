@@ -54,9 +54,8 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
            device: Optional[str] = typer.Option(None, "--device", help="Choose quantization defaults for a device "
                                                 "profile (see `edge devices list`)."),
            asymmetric: bool = typer.Option(False, "--asymmetric", help="Use zero points (asymmetric quantization)."),
-           method: str = typer.Option("auto", help="mse (weighted per-block scale search: lower error, same size "
-                                      "and speed, slower export) | rtn (round to nearest) | auto (mse for int4, "
-                                      "rtn for int8)."),
+           method: str = typer.Option("mse", help="mse (weighted per-block scale search: lower error, same size "
+                                      "and speed, slower export) | rtn (round to nearest)."),
            quant_policy: str = typer.Option("", "--quant-policy", help="Per kind of weight, e.g. "
                                             "'attention=int8,down=int8,experts=int4/64' (kinds: attention, mlp, "
                                             "mlp_down, experts, experts_down, down, embed, lm_head)."),
