@@ -122,8 +122,8 @@ class Prefetcher:
         with self.cond:
             if key in self.busy:
                 t0 = time.perf_counter()
-                while key in self.busy:
-                    self.cond.wait()
+                while key in self.busy and self.thread.is_alive():   # a closed prefetcher never hangs a miss
+                    self.cond.wait(0.05)
                 self.stats.waited_s += time.perf_counter() - t0
             buf = self.staged.pop(key, None)
             if buf is None:
