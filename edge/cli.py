@@ -173,8 +173,8 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
           repeat: int = typer.Option(3, help="Timed runs (median reported) after one warm-up."),
           memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY,
           device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
-          prefetch: bool = typer.Option(False, "--prefetch", help="MoE under a budget: load the next layer's "
-                                        "likely experts in the background."),
+          prefetch: bool = typer.Option(False, "--prefetch", help="MoE under a budget: read the next layer's "
+                                        "likely experts (and a layer's second miss) ahead, in the background."),
           sweep: Optional[str] = typer.Option(None, "--sweep", help="MoE: comma-separated budgets to run in turn, "
                                               "e.g. 350MB,450MB,700MB (each in a fresh process)."),
           plot: str = typer.Option("sweep.png", "--plot", help="With --sweep: PNG of tok/s and hit rate vs budget."),

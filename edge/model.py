@@ -208,8 +208,9 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
     expert_capacity: instead of a budget, how many experts stay resident at once (default: all,
         loaded as the router first picks them).
     expert_policy: "lfu" (per-layer, frequency-aware; default) or "lru" (the baseline).
-    prefetch: with a limited expert cache, load the next layer's likely experts (its router applied
-        to the current hidden state) on a background thread; the budget reserves room for them.
+    prefetch: with a limited expert cache, read the next layer's likely experts (its router applied
+        to the current hidden state) and a layer's second miss ahead on a background thread (I/O
+        only: sessions are still built on a miss); the budget reserves the read buffers.
         The guesses' precision and recall are counted either way (model.decoder.guesser.stats).
     """
     bundle = open_bundle(path)
