@@ -78,14 +78,13 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
     before = dataclasses.replace(cache.stats) if cache else None
     guesser = getattr(model.decoder, "guesser", None)
     pf = cache.prefetcher if cache else None
-    pstats = pf.stats if pf else guesser.stats if guesser else None      # one object when both exist
-    g0 = dataclasses.replace(pstats) if pstats else None
+    g = pf.stats if pf else guesser.stats if guesser else None           # one object when both exist
+    g0 = dataclasses.replace(g) if g else None
     runs = [run_once(model, ids, gen_tokens) for _ in range(repeat)]
     experts = None
     if cache:
         s, n = cache.stats, repeat * gen_tokens
         hits, misses = s.hits - before.hits, s.misses - before.misses
-        g = pstats
         read = s.bytes_read - before.bytes_read + (g.bytes_read - g0.bytes_read if pf else 0)
         waited = g.waited_s - g0.waited_s if pf else 0.0
         # per generated token; the prompts' misses are included (each run is prompt + generation)
@@ -94,7 +93,7 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
                        read_ms_per_token=1e3 * (s.read_s - before.read_s + waited) / n,
                        build_ms_per_token=1e3 * (s.build_s - before.build_s) / n,
                        stall_ms_per_token=1e3 * (s.read_s + s.build_s - before.read_s - before.build_s + waited) / n)
-        if pstats:
+        if g:
             tp, guessed, used = g.correct - g0.correct, g.guessed - g0.guessed, g.used - g0.used
             experts.update(prefetch=pf is not None,
                            prefetch_precision=tp / guessed if guessed else 0.0, prefetch_recall=tp / used if used else 0.0,

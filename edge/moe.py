@@ -185,8 +185,8 @@ class MoEDecoder:
         # path; SmolMoE: all 66 MB of stages.onnx.data): count them in the dense part. They are
         # dropped again when a generation ends (reset).
         base += self._data_bytes
-        # room for experts that run once, and for the prefetcher's read-ahead buffers (+ its probe buffer)
-        read_ahead = (slots + 1) * blob if slots else 0
+        # room for experts that run once, and for the prefetcher's read-ahead buffers
+        read_ahead = slots * blob
         free = budget - base - kv - HEADROOM - 2 * per_expert - read_ahead
         plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), read_ahead)
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):

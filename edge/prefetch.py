@@ -91,7 +91,7 @@ class Prefetcher:
         self.cache = cache
         self.stats = stats
         self.reader = BlobReader(cache.reader.path, cache.reader.buf.size)
-        self.free = [self.reader.buffer() for _ in range(slots)]
+        self.free = [self.reader.buf] + [self.reader.buffer() for _ in range(slots - 1)]   # the reader's own is one
         self.staged: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()   # read, not yet taken
         self.busy: dict[tuple[int, int], np.ndarray] = {}                        # queued or being read
         self.cond = threading.Condition()

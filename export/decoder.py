@@ -69,10 +69,11 @@ class _Emitter:
         else:
             self.entries.append(TensorEntry(name=name, shape=tuple(w.shape), dtype=scheme.dtype, method=scheme.method,
                                             block_size=scheme.block_size, symmetric=scheme.symmetric,
-                                            scale_dtype=self._scale_dtype(scheme),
+                                            scale_dtype=self.scale_dtype(scheme),
                                             max_rel_err=max_rel, rms_rel_err=rms_rel))
 
-    def _scale_dtype(self, scheme: QuantScheme) -> str:
+    def scale_dtype(self, scheme: QuantScheme) -> str:
+        """How this emitter stores the scales of `scheme`."""
         return "float16" if self.half_scales and scheme.scale_dtype == "float16" else "float32"
 
     def scales(self, name: str, scales: np.ndarray, scheme: QuantScheme) -> str:
@@ -81,10 +82,13 @@ class _Emitter:
 
             name.scales (fp16, in the data file) -> Cast(to=float) -> the op's scales input
         """
-        if self._scale_dtype(scheme) == "float32":
-            return self.g.weight(name + ".scales", scales)
-        half = self.g.weight(name + ".scales", scales.astype(np.float16))
-        return self.g.op1("Cast", [half], name=name + "/scales", to=TensorProto.FLOAT)
+        return self.as_fp32(name, self.g.weight(name + ".scales", scales.astype(self.scale_dtype(scheme))), scheme)
+
+    def as_fp32(self, name: str, stored: str, scheme: QuantScheme) -> str:
+        """Stored scales `stored` as the fp32 input the op takes (a Cast when they are stored as fp16)."""
+        if self.scale_dtype(scheme) == "float32":
+            return stored
+        return self.g.op1("Cast", [stored], name=name + "/scales", to=TensorProto.FLOAT)
 
     def plain(self, name: str, w: np.ndarray) -> str:
         self.record(name, w, None)
@@ -224,10 +228,8 @@ def lm_head(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.n
     if s.tie_word_embeddings and tied is not None and tied.scheme == scheme:
         (v, k), bs = tied.shape, scheme.block_size
         qw = g.shared_weight("lm_head.qweight", np.uint8, (v, k // bs, bs * scheme.bits // 8), tied.qweight_offset)
-        half = em._scale_dtype(scheme) == "float16"
-        sc = g.shared_weight("lm_head.scales", np.float16 if half else np.float32, (v, k // bs), tied.scales_offset)
-        if half:
-            sc = g.op1("Cast", [sc], name="lm_head/scales", to=TensorProto.FLOAT)
+        stored = np.dtype(em.scale_dtype(scheme))                     # as the embedding wrote them
+        sc = em.as_fp32("lm_head", g.shared_weight("lm_head.scales", stored, (v, k // bs), tied.scales_offset), scheme)
         g.op("MatMulNBits", [x, qw, sc], name="lm_head", outputs=["logits"], domain=MS, K=k, N=v,
              bits=scheme.bits, block_size=bs, accuracy_level=4)
     else:

@@ -97,13 +97,12 @@ def _quantize_rows(w: np.ndarray, scheme: QuantScheme, importance: np.ndarray | 
     wp[:, :k] = w
     blocks = wp.reshape(n, nb, bs)                                   # [n, n_blocks, bs]
     qmax, zsym = _levels(scheme.bits)
+    q = None                                   # codes: rounded below from the scales unless the search chose them
     if scheme.method == "mse":
         wt = _weights(blocks, k, importance)
         q, scales, zp = (_mse_symmetric if scheme.symmetric else _mse_asymmetric)(blocks, wt, qmax, zsym)
-        scales = _half(scales, scheme)
-        if scheme.scale_dtype == "float16":    # codes for the scale as stored
-            safe = np.where(scales == 0, 1.0, scales)[..., None]
-            q = np.clip(np.round(blocks / safe) + zp[..., None], 0, qmax).astype(np.uint8)
+        if scheme.scale_dtype == "float16":
+            scales, q = _half(scales, scheme), None              # codes for the scale as stored
     elif scheme.symmetric:
         # the signed value of largest magnitude maps to the most negative code (as llama.cpp's
         # Q4_0 does): all 2^bits levels are used, not 2^bits - 1
@@ -116,7 +115,7 @@ def _quantize_rows(w: np.ndarray, scheme: QuantScheme, importance: np.ndarray | 
         hi = np.maximum(blocks.max(-1), 0.0)
         scales = _half(((hi - lo) / qmax).astype(np.float32), scheme)
         zp = np.clip(np.round(-lo / np.where(scales == 0, 1.0, scales)), 0, qmax)
-    if scheme.method != "mse":
+    if q is None:
         safe = np.where(scales == 0, 1.0, scales)[..., None]
         q = np.clip(np.round(blocks / safe) + zp[..., None], 0, qmax).astype(np.uint8)   # [n, n_blocks, bs]
     err = ((q.astype(np.float32) - zp[..., None]) * scales[..., None] - blocks).reshape(n, nb * bs)[:, :k]
