@@ -63,6 +63,11 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
            lm_head_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (a tied head: as the "
                                                  "embedding, stored once; else as --quant)."),
            max_context: int = typer.Option(0, help="Cap the context the bundle supports (0: the model's)."),
+           calib: str = typer.Option("", "--calib", help="A text file (not your evaluation text): run it through "
+                                     "the fp32 model and weigh each weight's quantization by how large its input "
+                                     "channel's activations are (llama.cpp's importance matrix idea). Needs "
+                                     "temporary disk for an fp32 copy of the model."),
+           calib_tokens: int = typer.Option(16384, help="Tokens of --calib to run."),
            force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
     """Export a checkpoint to an edge bundle."""
@@ -80,7 +85,7 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
     quant, block_size = quant or "int4", block_size or 0
     opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, method=method,
                          embed_quant=embed_quant, lm_head_quant=lm_head_quant, quant_policy=quant_policy,
-                         max_context=max_context)
+                         max_context=max_context, calib=calib, calib_tokens=calib_tokens)
     r = export_model(src, out, opts, force=force)
     m = r.manifest
     quantized = [t for t in m.tensors if t.dtype != "float32"]

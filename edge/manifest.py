@@ -86,9 +86,11 @@ class StageSpec:
 class ExpertTensor:
     """One tensor inside every expert's blob (the expert graph's initializer of that name)."""
     name: str
-    dtype: str                   # "uint8", "float32"
+    dtype: str                   # as stored: "uint8", "float32", "float16"
     shape: tuple[int, ...]
     offset: int                  # bytes from the start of the blob
+    load_as: str = ""            # the dtype the expert graph takes when it differs from the stored one
+                                 # (fp16 scales are widened to fp32 when a session is built)
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,13 @@ class TensorEntry:
     name: str
     shape: tuple[int, ...]
     dtype: str                   # "float32", "int8", "int4"
-    method: str = "none"         # "none", "rtn"
+    method: str = "none"         # "none", "rtn", "mse"
     block_size: int = 0
     symmetric: bool = True
     scale_dtype: str = "float32"  # how the per-block scales are stored ("float16": cast to fp32 at load)
     max_rel_err: float = 0.0     # max |w - q(w)| / max |w| over the tensor
     rms_rel_err: float = 0.0     # ||w - q(w)|| / ||w||
+    calibrated: bool = False     # the search weighed input channels by importance from a calibration text
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class SourceInfo:
     path: str
     format: str                  # "hf-safetensors", "gguf"
     dtype: str
+    calibration: str = ""        # the calibration text (name, sha256, tokens) when --calib was given
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ past and present share one [1, kv_heads, max_context, head_dim] buffer per layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 from onnx import TensorProto
@@ -55,14 +55,16 @@ class Tied:
 class _Emitter:
     """Adds weights to the graph and records each one's manifest entry."""
 
-    def __init__(self, g: Graph, *, half_scales: bool = True):
+    def __init__(self, g: Graph, *, half_scales: bool = True, importance: Mapping[str, np.ndarray] | None = None):
         self.g = g
         self.half_scales = half_scales     # store fp16 scales as fp16 (False: the expert store keeps fp32)
+        self.importance = importance or {}  # tensor name -> per-input-channel importance (export/calib.py)
         self.entries: list[TensorEntry] = []
         self.num_parameters = 0
         self.tied: Tied | None = None      # set by a quantized embedding stored in the data file
 
-    def record(self, name: str, w: np.ndarray, scheme: QuantScheme | None, max_rel=0.0, rms_rel=0.0) -> None:
+    def record(self, name: str, w: np.ndarray, scheme: QuantScheme | None, max_rel=0.0, rms_rel=0.0, *,
+               calibrated: bool = False) -> None:
         self.num_parameters += int(w.size)
         if scheme is None:
             self.entries.append(TensorEntry(name=name, shape=tuple(w.shape), dtype="float32"))
@@ -70,7 +72,7 @@ class _Emitter:
             self.entries.append(TensorEntry(name=name, shape=tuple(w.shape), dtype=scheme.dtype, method=scheme.method,
                                             block_size=scheme.block_size, symmetric=scheme.symmetric,
                                             scale_dtype=self.scale_dtype(scheme),
-                                            max_rel_err=max_rel, rms_rel_err=rms_rel))
+                                            max_rel_err=max_rel, rms_rel_err=rms_rel, calibrated=calibrated))
 
     def scale_dtype(self, scheme: QuantScheme) -> str:
         """How this emitter stores the scales of `scheme`."""
@@ -106,8 +108,9 @@ class _Emitter:
                 return self.g.op("MatMul", [x, wt], name=name, outputs=outs)[0]
             y = self.g.op1("MatMul", [x, wt], name=name)
             return self.g.op("Add", [y, self.plain(name + ".bias", bias)], name=name + "/bias", outputs=outs)[0]
-        q = quantize(w, scheme)
-        self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err)
+        imp = self.importance.get(name) if scheme.method == "mse" else None
+        q = quantize(w, scheme, importance=imp)
+        self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err, calibrated=imp is not None)
         ins = [x, self.g.weight(name + ".qweight", q.packed), self.scales(name, q.scales, scheme)]
         ins.append(self.g.weight(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
         if bias is not None:
@@ -242,11 +245,12 @@ def lm_head(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.n
 
 
 def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray], policy: QuantPolicy, *,
-                  max_context: int, progress: Callable[[str], None] = lambda s: None
+                  max_context: int, importance: Mapping[str, np.ndarray] | None = None,
+                  progress: Callable[[str], None] = lambda s: None
                   ) -> tuple[GraphSpec, list[TensorEntry], int]:
     """Emit the whole dense decoder into `g`; returns the graph spec, tensor entries, parameter count."""
     s: ModelSpec = arch.spec
-    em = _Emitter(g)
+    em = _Emitter(g, importance=importance)
     ids = g.input("input_ids", TensorProto.INT64, [1, "S"])
     step = step_inputs(g, arch, max_context)
     h = em.embedding(ids, get(arch.top["embed"]), "embed", policy.embed)
