@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 from onnx import TensorProto
@@ -51,21 +51,40 @@ class _Blob:
         return b"".join(self.parts)
 
 
-def _expert_graph(blob: _Blob, gate, up, down, hidden: int, schemes, prefix: str):
+def _expert_graph(blob: _Blob, gate, up, down, hidden: int, schemes, prefix: str,
+                  importance: Mapping[str, np.ndarray]):
     """The expert graph (x [T, H] -> y [T, H]) with this expert's weights in `blob`."""
     g = Graph(blob, inline_below=0)
-    em = _Emitter(g, half_scales=False)      # the expert store keeps fp32 scales: QMoE reads them as is
+    em = _Emitter(g, half_scales=False, importance=importance)   # fp32 in the graph; _store halves them
     x = g.input("x", TensorProto.FLOAT, ["T", hidden])
     swiglu_mlp(g, em, x, gate, up, down, prefix, schemes, out="y")
     g.output("y", TensorProto.FLOAT, ["T", hidden])
     return g, em
 
 
+def _store(raw: bytes, tensors: tuple[ExpertTensor, ...], half: set[str]) -> tuple[bytes, tuple[ExpertTensor, ...]]:
+    """An expert's blob as stored: its tensors in graph order, 64-byte aligned, the fp32 scales named
+    in `half` as fp16 (their values are fp16-exact; the runtime widens them: ExpertTensor.load_as)."""
+    out = _Blob("experts.bin")
+    layout = []
+    for t in tensors:
+        a = np.frombuffer(raw, t.dtype, int(np.prod(t.shape)), t.offset)
+        if t.name in half:
+            layout.append(dataclasses.replace(t, dtype="float16", offset=out.write(a.astype(np.float16).tobytes()),
+                                              load_as=t.dtype))
+        else:
+            layout.append(dataclasses.replace(t, offset=out.write(a.tobytes())))
+    return out.bytes(), tuple(layout)
+
+
 def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], policy: QuantPolicy, *,
-              max_context: int, progress: Callable[[str], None] = lambda s: None
+              max_context: int, importance: Mapping[str, np.ndarray] | None = None,
+              progress: Callable[[str], None] = lambda s: None
               ) -> tuple[GraphSpec, MoESpec, list[TensorEntry], int, list[str]]:
     """Write stages, expert graph and expert store into `root`; returns the graph spec (KV cache),
-    the MoE spec, tensor entries, parameter count and the files written."""
+    the MoE spec, tensor entries, parameter count and the files written. `importance` is keyed by
+    manifest tensor name (export/calib.py)."""
+    importance = importance or {}
     s, moe = arch.spec, arch.moe
     data = DataFile(root / "stages.onnx.data")
     cos, sin = tables(s.head_dim, s.rope_theta, arch.rope_scaling, max_context)
@@ -94,7 +113,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             raise UnsupportedError(f"layer {i} of this {s.architecture} model has a dense MLP; "
                                    "mixing dense and sparse layers is not supported yet")
         g = Graph(data)
-        em = _Emitter(g)
+        em = _Emitter(g, importance=importance)
         step = StepInputs(g.input("seqlens_k", TensorProto.INT32, [1]),
                           g.input("total_sequence_length", TensorProto.INT32, []),
                           g.shared_weight("rope.cos", np.float32, cos.shape, cos_at),
@@ -139,20 +158,27 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         fc1q, fc1s, fc2q, fc2s = [], [], [], []
         for e, gate, up, down in moe.experts(get, i):
             blob = _Blob("experts.bin")
+            mine = f"layers.{i}.experts.{e}."
             eg, eem = _expert_graph(blob, gate, up, down, s.hidden_size, (policy.experts, policy.experts_down),
-                                    "expert.")
-            these = tuple(ExpertTensor(name=t.name, dtype=_np_dtype(t.data_type), shape=tuple(t.dims),
-                                       offset=int({k.key: k.value for k in t.external_data}["offset"]))
-                          for t in eg.initializers)
+                                    "expert.", {"expert." + k[len(mine):]: v for k, v in importance.items()
+                                                if k.startswith(mine)})
+            graph_layout = tuple(ExpertTensor(name=t.name, dtype=_np_dtype(t.data_type), shape=tuple(t.dims),
+                                              offset=int({k.key: k.value for k in t.external_data}["offset"]))
+                                 for t in eg.initializers)
+            raw = blob.bytes()
+            schemes = {"expert.gate_up": policy.experts, "expert.down": policy.experts_down}
+            half = {n + ".scales" for n, sc in schemes.items() if sc is not None and sc.scale_dtype == "float16"}
+            stored, these = _store(raw, graph_layout, half)
             if layout is None:
                 layout = these
-                eg.save(root / "expert.onnx", name="expert")   # its external data is expert (0, 0) at offset 0
+                # its external data points at expert (0, 0) with fp32 scales: placeholders only, every
+                # session gets its expert's tensors through add_initializer
+                eg.save(root / "expert.onnx", name="expert")
                 files.append("expert.onnx")
             elif these != layout:
                 raise AssertionError(f"expert {i}.{e} has a different tensor layout")
-            raw = blob.bytes()
             if fusable:   # QMoE wants gate and up rows interleaved: g0, u0, g1, u1, ...
-                t = {x.name: np.frombuffer(raw, x.dtype, int(np.prod(x.shape)), x.offset).reshape(x.shape) for x in these}
+                t = {x.name: np.frombuffer(raw, x.dtype, int(np.prod(x.shape)), x.offset).reshape(x.shape) for x in graph_layout}
                 ffn = gate.shape[0]
                 order = np.arange(2 * ffn).reshape(2, ffn).T.reshape(-1)                 # [g0, u0, g1, u1, ...]
                 fc1q.append(t["expert.gate_up.qweight"][order].reshape(2 * ffn, -1))    # [2F, H * bits / 8]
@@ -160,10 +186,11 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                 fc2q.append(t["expert.down.qweight"].reshape(s.hidden_size, -1))        # [H, F * bits / 8]
                 fc2s.append(t["expert.down.scales"])
             store.write(b"\0" * (-store.tell() % ALIGN))
-            experts.append(ExpertEntry(layer=i, expert=e, offset=store.tell(), size=len(raw),
-                                       sha256=hashlib.sha256(raw).hexdigest()))
-            store.write(raw)
-            entries += [dataclasses.replace(t, name=t.name.replace("expert.", f"layers.{i}.experts.{e}.", 1))
+            experts.append(ExpertEntry(layer=i, expert=e, offset=store.tell(), size=len(stored),
+                                       sha256=hashlib.sha256(stored).hexdigest()))
+            store.write(stored)
+            entries += [dataclasses.replace(t, name=t.name.replace("expert.", f"layers.{i}.experts.{e}.", 1),
+                                            scale_dtype="float16" if t.name + ".scales" in half else t.scale_dtype)
                         for t in eem.entries]
             n_params += eem.num_parameters
         if fusable:
@@ -174,7 +201,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
 
     # head
     g = Graph(data)
-    em = _Emitter(g)
+    em = _Emitter(g, importance=importance)
     h = g.input("hidden", TensorProto.FLOAT, [1, "S", s.hidden_size])
     residual = g.input("residual", TensorProto.FLOAT, [1, "S", s.hidden_size])
     positions = lm_head(g, em, arch, get, h, residual, policy.lm_head, tied)
