@@ -32,7 +32,7 @@ QUANTS = ("fp32", "int8", "int4")
 DEFAULT_BLOCK = {"int8": 16, "int4": 32}
 
 
-POLICY_KEYS = ("attention", "mlp", "mlp_down", "experts", "experts_down", "down", "embed", "lm_head")
+POLICY_KEYS = ("attention", "attention_kv", "mlp", "mlp_down", "experts", "experts_down", "down", "embed", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class ExportOptions:
                 raise ConfigError(f"--quant-policy item {item!r}: expected KIND=QUANT with KIND one of "
                                   f"{', '.join(POLICY_KEYS)}")
             over[key.strip()] = value.strip()
-        kinds.update({k: v for k, v in over.items() if k not in ("down", "mlp_down", "experts_down")})
+        kinds.update({k: v for k, v in over.items() if k not in ("down", "mlp_down", "experts_down", "attention_kv")})
+        kinds["attention_kv"] = over.get("attention_kv", kinds["attention"])
         kinds["mlp_down"] = over.get("mlp_down", over.get("down", kinds["mlp"]))
         kinds["experts_down"] = over.get("experts_down", over.get("down", kinds["experts"]))
         return QuantPolicy(**{k: scheme(v) for k, v in kinds.items()})

@@ -33,13 +33,14 @@ MS = "com.microsoft"
 @dataclass(frozen=True)
 class QuantPolicy:
     """Which scheme each kind of weight gets (None = fp32)."""
-    attention: QuantScheme | None          # q|k|v and o projections
+    attention: QuantScheme | None          # q and o projections (and k, v unless attention_kv differs)
     mlp: QuantScheme | None                # dense (and shared-expert) gate|up
     mlp_down: QuantScheme | None           # dense (and shared-expert) down
     experts: QuantScheme | None            # routed experts' gate|up
     experts_down: QuantScheme | None       # routed experts' down
     embed: QuantScheme | None
     lm_head: QuantScheme | None
+    attention_kv: QuantScheme | None       # k and v projections (llama.cpp keeps a MoE's at Q8_0)
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ class _Emitter:
         return self.g.weight(name, w.astype(np.float32))
 
     def linear(self, x: str, w: np.ndarray, name: str, scheme: QuantScheme | None, bias: np.ndarray | None = None,
-               *, out: str | None = None) -> str:
-        """y = x @ w.T (+ bias); w is [N, K] as in a Hugging Face Linear. `out` names the result."""
+               *, out: str | None = None, importance_of: str | None = None) -> str:
+        """y = x @ w.T (+ bias); w is [N, K] as in a Hugging Face Linear. `out` names the result;
+        `importance_of` names the tensor whose calibration applies (one that reads the same input)."""
         n, k = w.shape
         outs = [out] if out else None
         if scheme is None:
@@ -108,7 +110,7 @@ class _Emitter:
                 return self.g.op("MatMul", [x, wt], name=name, outputs=outs)[0]
             y = self.g.op1("MatMul", [x, wt], name=name)
             return self.g.op("Add", [y, self.plain(name + ".bias", bias)], name=name + "/bias", outputs=outs)[0]
-        imp = self.importance.get(name) if scheme.method == "mse" else None
+        imp = self.importance.get(importance_of or name) if scheme.method == "mse" else None
         q = quantize(w, scheme, importance=imp)
         self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err, calibrated=imp is not None)
         ins = [x, self.g.weight(name + ".qweight", q.packed), self.scales(name, q.scales, scheme)]
@@ -164,7 +166,8 @@ def step_inputs(g: Graph, arch: DecoderArch, max_context: int) -> StepInputs:
 
 
 def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarray], i: int, h: str,
-              residual: str | None, step: StepInputs, scheme: QuantScheme | None) -> tuple[str, str, tuple[str, ...]]:
+              residual: str | None, step: StepInputs, scheme: QuantScheme | None,
+              kv_scheme: QuantScheme | None) -> tuple[str, str, tuple[str, ...]]:
     """Layer i up to its MLP: input norm -> attention (KV in place) -> post-attention norm.
     Returns (x for the MLP, the residual stream, (past_key, past_value, present_key, present_value))."""
     s = arch.spec
@@ -177,18 +180,25 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
         x, residual = _rms(g, h, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm"), h
     else:
         x, residual = _skip_rms(g, h, residual, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm")
-    # fused q|k|v rows [(NH + 2 KV) * D, H]
-    wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
-    bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
-    qkv = em.linear(x, wqkv, p + "qkv", scheme, bqkv)
-    del wqkv
-    if s.qk_norm:
-        q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
-                       3, name=p + "qkv_split", axis=-1)
+    if kv_scheme == scheme:
+        # fused q|k|v rows [(NH + 2 KV) * D, H]
+        wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
+        bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
+        qkv = em.linear(x, wqkv, p + "qkv", scheme, bqkv)
+        del wqkv
+        split = bool(s.qk_norm)
+        if split:
+            q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
+                           3, name=p + "qkv_split", axis=-1)
+    else:   # k, v at their own precision: three projections reading x (the calibration's is qkv's)
+        q, k, v = (em.linear(x, w(r), p + r, scheme if r == "q" else kv_scheme, b(r), importance_of=p + "qkv")
+                   for r in ("q", "k", "v"))
+        split = True
+    if split:
         if s.qk_norm == "head":
             q = _head_rms(g, em, q, w("q_norm"), NH, D, s.norm_eps, p + "q_norm")
             k = _head_rms(g, em, k, w("k_norm"), KV, D, s.norm_eps, p + "k_norm")
-        else:    # one RMSNorm over the whole projection
+        elif s.qk_norm:    # one RMSNorm over the whole projection
             q = _rms(g, q, em.plain(p + "q_norm", w("q_norm")), s.norm_eps, p + "q_norm")
             k = _rms(g, k, em.plain(p + "k_norm", w("k_norm")), s.norm_eps, p + "k_norm")
         attn_in = [q, k, v]
@@ -259,7 +269,7 @@ def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray],
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
         n = arch.layer_names(i)
-        x, residual, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention)
+        x, residual, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_kv)
         kvs.append(kv)
         b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
         h = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.", (policy.mlp, policy.mlp_down),

@@ -127,7 +127,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         else:
             h = ins["hidden"] = g.input("hidden", TensorProto.FLOAT, [1, "S", s.hidden_size])
             residual = ins["residual"] = g.input("residual", TensorProto.FLOAT, [1, "S", s.hidden_size])
-        x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention)
+        x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_kv)
         kvs.append(kv)
         ins.update(past_key=kv[0], past_value=kv[1])
         for name, src in (("moe_in", x), ("residual_out", res)):

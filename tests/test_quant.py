@@ -83,7 +83,7 @@ def test_bad_schemes_are_rejected():
 def test_scales_are_stored_in_fp16_and_exact(tiny_bundle):
     """Dense weights keep fp16 scales on disk behind a Cast (folded at load); the values quantize()
     returns are fp16-exact, so the error it reports is the error onnxruntime computes with. The
-    expert store keeps fp32 (QMoE and the expert sessions read it as is)."""
+    expert store keeps fp16 too, widened to the fp32 the expert graph takes when a session is built."""
     import onnx
     from edge.bundle import open_bundle
     w = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32)
@@ -92,7 +92,10 @@ def test_scales_are_stored_in_fp16_and_exact(tiny_bundle):
         np.testing.assert_array_equal(s, s.astype(np.float16).astype(np.float32))
     b = tiny_bundle("mixtral", "int4")
     dtypes = {t.name: t.scale_dtype for t in open_bundle(b).manifest.tensors if t.dtype != "float32"}
-    assert dtypes["layers.0.qkv"] == "float16" and dtypes["layers.0.experts.0.gate_up"] == "float32"
+    assert dtypes["layers.0.qkv"] == "float16" and dtypes["layers.0.experts.0.gate_up"] == "float16"
+    store = {t.name: (t.dtype, t.load_as) for t in open_bundle(b).manifest.moe.expert_tensors}
+    assert store["expert.gate_up.scales"] == store["expert.down.scales"] == ("float16", "float32")
+    assert store["expert.gate_up.qweight"] == ("uint8", "")
     g = onnx.load(str(b / "layers.0.onnx"), load_external_data=False).graph
     half = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT16}
     assert "layers.0.qkv.scales" in half

@@ -44,6 +44,22 @@ def test_fp32_matches_transformers(arch, tiny_checkpoint, tiny_bundle):
     assert err < 1e-4, f"{arch}: max abs logit error {err}"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "olmoe"])
+def test_kv_projections_at_their_own_precision(arch, tiny_checkpoint, tiny_bundle):
+    """attention_kv=int8 in an fp32 export: q, k, v become three projections (q/k norms still apply)
+    and the logits stay within int8's error of transformers'."""
+    from edge.bundle import open_bundle
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, 256, 12)]
+    ref, tokens = reference(tiny_checkpoint(arch), ids, 4)
+    b = tiny_bundle(arch, "fp32", quant_policy="attention_kv=int8")
+    kinds = {t.name: t.dtype for t in open_bundle(b).manifest.tensors}
+    assert kinds["layers.0.q"] == "float32" and kinds["layers.0.k"] == kinds["layers.1.v"] == "int8"
+    assert "layers.0.qkv" not in kinds
+    got = ours(b, ids, tokens[:-1])
+    err = max(float(np.abs(a - r).max()) for a, r in zip(got, ref))
+    assert 1e-6 < err < 0.05, f"{arch}: max abs logit error {err}"
+
+
 def test_sliding_window_is_applied(tiny_checkpoint, tiny_bundle):
     """mistral-window (window 6) must differ from full attention past position 6 (else the test above proves nothing)."""
     ids = [int(i) for i in np.random.default_rng(2).integers(0, 256, 12)]
