@@ -94,7 +94,8 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
                    bundle_mb=round(r.bundle_mb, 1), parameters=m.model.num_parameters, quant=m.quant,
                    mean_rms_rel_err=round(sum(t.rms_rel_err for t in quantized) / len(quantized), 5) if quantized else 0.0,
                    worst_tensor=worst.name if worst else None,
-                   worst_rms_rel_err=round(worst.rms_rel_err, 5) if worst else 0.0)
+                   worst_rms_rel_err=round(worst.rms_rel_err, 5) if worst else 0.0,
+                   calibration=m.source.calibration)
     if as_json:
         print(json.dumps(summary))
         return
@@ -103,6 +104,8 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
     if quantized:
         print(f"quantization error (relative RMS): mean {summary['mean_rms_rel_err']:.4f}, "
               f"worst {worst.rms_rel_err:.4f} ({worst.name}); per tensor in manifest.json")
+    if m.source.calibration:
+        print(f"calibrated on {m.source.calibration}")
     print(f"took {r.seconds:.1f} s, peak RSS {r.peak_rss_mb:.0f} MB")
 
 
@@ -267,6 +270,7 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
                                  f"(q/kv), head_dim {s.head_dim}, ffn {s.intermediate_size}, vocab {s.vocab_size}"),
                 ("parameters", f"{s.num_parameters / 1e6:.1f}M"), ("context", f"{s.max_context} tokens"),
                 ("quantization", m.quant + "  (" + ", ".join(f"{k}: {v[0]} tensors / {v[1] / 1e6:.1f}M weights" for k, v in kinds.items()) + ")"),
+                ("calibration", m.source.calibration or "none (data-free)"),
                 ("files", ", ".join(f"{f.path} {f.size / 2**20:.1f} MB" for f in m.files)),
                 ("eos tokens", ", ".join(map(str, m.tokenizer.eos_token_ids))),
                 ("chat template", "yes" if m.tokenizer.chat_template else "no")]

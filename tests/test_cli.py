@@ -17,6 +17,7 @@ def test_run_streams_text(tiny_bundle):
 def test_inspect_and_verify(tiny_bundle):
     r = edge_cli("inspect", tiny_bundle("llama", "int4"), "--verify", "--tensors")
     assert r.returncode == 0 and "every sha256 matches" in r.stdout and "layers.0.qkv" in r.stdout
+    assert "none (data-free)" in r.stdout                         # no --calib
     j = json.loads(edge_cli("inspect", tiny_bundle("llama", "int4"), "--json").stdout)
     assert j["quant"] == "int4" and j["format_version"] == 1
 
