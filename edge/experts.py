@@ -108,16 +108,12 @@ class ExpertCache:
             view = blob[t.offset:t.offset + nbytes].view(t.dtype).reshape(t.shape)
             if t.load_as:
                 view = view.astype(t.load_as)       # fp16 scales -> the fp32 the graph takes
-                widened.append(view)
             value = ort.OrtValue.ortvalue_from_numpy(view)
-            keep.append(value)                      # onnxruntime holds the name until it prepacks
+            (widened if t.load_as else keep).append(value)   # onnxruntime holds the name until it prepacks
             so.add_initializer(t.name, value)
-        session = open_session(self.graph_path, so)
-        # prepacking copied every weight: like the blob (the reader's buffer, overwritten by the next
-        # read), the widened copies are never read again; drop them rather than hold them per expert
-        keep = [so] + [v for v, t in zip(keep[1:], self.moe.expert_tensors) if not t.load_as]
-        del widened
-        return _Expert(session, keep)
+        # prepacking copies every weight: like the blob (the reader's buffer, overwritten by the next
+        # read), the widened copies are never read again and go when this returns, not held per expert
+        return _Expert(open_session(self.graph_path, so), keep)
 
     def run_bound(self, layer: int, expert: int, x: ort.OrtValue, y: ort.OrtValue, key: tuple) -> None:
         """One-token step: run the expert reading `x` and writing `y` (bound once per session)."""

@@ -146,6 +146,7 @@ def _run_moe(bundle: Bundle, ids: list[int], acc: _Acc, ctx: int) -> None:
     experts.graph_path = str(path)                                   # the same weights, with taps
     kv = np.zeros((1, g.kv_num_heads, ctx, g.kv_head_dim), np.float32)              # an empty cache
     eouts = [moe.expert_output] + list(expert_taps)
+    expert_roles = {k: [t[len(EXPERT_PREFIX):] for t in v] for k, v in expert_taps.items()}  # "expert.down" -> "down"
     head = len(stages) - 1
     for w in _windows(ids, ctx):
         s = w.shape[1]
@@ -167,9 +168,7 @@ def _run_moe(bundle: Bundle, ids: list[int], acc: _Acc, ctx: int) -> None:
             for e in np.unique(top):
                 tok, slot = np.nonzero(top == e)
                 y, *tapped = experts.get(layer, int(e)).run(eouts, {moe.expert_input: x[tok]})
-                prefix = f"layers.{layer}.experts.{int(e)}."
-                _add(acc, {k: [t[len(EXPERT_PREFIX):] for t in v] for k, v in expert_taps.items()},
-                     dict(zip(eouts[1:], tapped)), prefix)
+                _add(acc, expert_roles, dict(zip(eouts[1:], tapped)), f"layers.{layer}.experts.{int(e)}.")
                 np.add.at(out, tok, wt[tok, slot][:, None] * y)
             hidden = out[None]                                                  # [1, S, H]
             if "moe_shared" in st.outputs:

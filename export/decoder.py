@@ -58,7 +58,8 @@ class _Emitter:
 
     def __init__(self, g: Graph, *, half_scales: bool = True, importance: Mapping[str, np.ndarray] | None = None):
         self.g = g
-        self.half_scales = half_scales     # store fp16 scales as fp16 (False: the expert store keeps fp32)
+        self.half_scales = half_scales     # store fp16 scales as fp16 (False: fp32 in the graph, as the expert
+                                           #   graph takes them; export/moe.py halves them in the store)
         self.importance = importance or {}  # tensor name -> per-input-channel importance (export/calib.py)
         self.entries: list[TensorEntry] = []
         self.num_parameters = 0

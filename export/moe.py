@@ -102,6 +102,9 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     fusable = (scheme is not None and scheme == policy.experts_down and scheme.symmetric
                and s.hidden_size % scheme.block_size == 0 and moe.expert_intermediate_size % scheme.block_size == 0)
     fused_data = DataFile(root / "experts.fused.bin") if fusable else None
+    # the expert store keeps these scales as fp16 (the expert graph and QMoE take fp32)
+    half = {f"expert.{n}.scales" for n, sc in (("gate_up", policy.experts), ("down", policy.experts_down))
+            if sc is not None and sc.scale_dtype == "float16"}
     stage_graphs: list[Graph] = []
     tied = None                                  # the quantized embedding, for a tied lm_head
     routers: list[int | None] = []
@@ -166,8 +169,6 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                                               offset=int({k.key: k.value for k in t.external_data}["offset"]))
                                  for t in eg.initializers)
             raw = blob.bytes()
-            schemes = {"expert.gate_up": policy.experts, "expert.down": policy.experts_down}
-            half = {n + ".scales" for n, sc in schemes.items() if sc is not None and sc.scale_dtype == "float16"}
             stored, these = _store(raw, graph_layout, half)
             if layout is None:
                 layout = these
@@ -242,10 +243,10 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: lis
 
         stage i's nodes ─► moe_in [1,S,H] ─► QMoE(Reshape(router_logits) [S,E], fc1, fc2) ─► [1,S,H] ─► stage i+1
 
-    (QMoE takes the 3D input as is: two Reshapes a layer cost ~4% of SmolMoE's decode.)
+    (QMoE takes the 3D hidden state as is; only the router logits need the 2D shape.)
     """
     from onnx import helper
-    s, moe = arch.spec, arch.moe
+    moe = arch.moe
     out = Graph(stage_graphs[0].data)
     seen: set[str] = set()
 
