@@ -55,7 +55,8 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
                                                 "profile (see `edge devices list`)."),
            asymmetric: bool = typer.Option(False, "--asymmetric", help="Use zero points (asymmetric quantization)."),
            method: str = typer.Option("mse", help="mse (weighted per-block scale search: lower error, same size "
-                                      "and speed, slower export) | rtn (round to nearest)."),
+                                      "and speed, slower export) | gptq (needs --calib: each column's rounding "
+                                      "error is compensated in the columns after it) | rtn (round to nearest)."),
            quant_policy: str = typer.Option("", "--quant-policy", help="Per kind of weight, e.g. "
                                             "'attention=int8,down=int8,experts=int4/64' (kinds: attention, attention_kv, mlp, "
                                             "mlp_down, experts, experts_down, down, embed, lm_head)."),
@@ -65,8 +66,9 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
            max_context: int = typer.Option(0, help="Cap the context the bundle supports (0: the model's)."),
            calib: str = typer.Option("", "--calib", help="A text file (not your evaluation text): run it through "
                                      "the fp32 model and weigh each weight's quantization by how large its input "
-                                     "channel's activations are (llama.cpp's importance matrix idea). Needs "
-                                     "temporary disk for an fp32 copy of the model."),
+                                     "channel's activations are (llama.cpp's importance matrix idea); with --method gptq, "
+                                     "the activations' X^T X drives GPTQ. Needs temporary disk for an fp32 copy of "
+                                     "the model."),
            calib_tokens: int = typer.Option(16384, help="Tokens of --calib to run."),
            force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):

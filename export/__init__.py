@@ -40,7 +40,7 @@ class ExportOptions:
     quant: str = "int4"              # scheme of the transformer's linear layers
     block_size: int = 0              # 0: DEFAULT_BLOCK of `quant` (an int4 export's int8 embedding: 32)
     symmetric: bool = True
-    method: str = "mse"              # mse | rtn (export/quant.py). SmolLM2 perplexity vs fp32: int4 +17.6%
+    method: str = "mse"              # mse | gptq | rtn (export/quant.py). SmolLM2 perplexity vs fp32: int4 +17.6%
                                      #   with mse vs +22.2% with rtn; int8 +0.39% vs +0.47%
     embed_quant: str = "auto"        # fp32 | int8 | int4 | auto: fp32 for fp32 exports, else int8 (only the
                                      #   gathered rows are ever read, so int8 costs disk, not speed or RSS)
@@ -49,7 +49,8 @@ class ExportOptions:
     quant_policy: str = ""           # overrides per kind of weight: "attention=int8,down=int8,experts=int4/64"
     max_context: int = 0             # 0: the model's max_position_embeddings
     calib: str = ""                  # a text file: weigh mse's search by each input channel's mean x² on it
-                                     #   (export/calib.py). SmolLM2 int4: +8.6% perplexity vs +17.6% without
+                                     #   (export/calib.py). SmolLM2 int4: +8.6% perplexity vs +17.6% without;
+                                     #   gptq (which needs it) uses the inputs' X^T X
     calib_tokens: int = 16384        # how much of the calibration text to run
 
     def policy(self, *, tied: bool = False, moe: bool = False) -> QuantPolicy:
@@ -118,13 +119,16 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
     if out.exists() and not force:
         raise EdgeError(f"{out} already exists; pass --force to replace it")
     options.policy()                      # bad options fail before the source is opened
-    if options.calib and options.method != "mse":
-        raise ConfigError("--calib weighs the mse search: it needs --method mse")
+    if options.calib and options.method == "rtn":
+        raise ConfigError("--calib informs the mse and gptq methods: it needs --method mse or gptq")
+    if options.method == "gptq" and not options.calib:
+        raise ConfigError("--method gptq needs a calibration text: give it --calib FILE")
     calibration = None
     if options.calib:
         from .calib import collect
         out.parent.mkdir(parents=True, exist_ok=True)
-        calibration = collect(src, options.calib, max_tokens=options.calib_tokens, workdir=out.parent)
+        calibration = collect(src, options.calib, max_tokens=options.calib_tokens, gram=options.method == "gptq",
+                              workdir=out.parent)
     source = open_source(src)
     arch = describe(source.config)
     policy = options.policy(tied=arch.spec.tie_word_embeddings, moe=arch.moe is not None)
@@ -140,13 +144,13 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         moe = None
         if arch.moe:
             graph, moe, tensors, n_params, files = build_moe(tmp, arch, source.get, policy, max_context=max_ctx,
-                                                             importance=calibration and calibration.importance,
+                                                             calibration=calibration and calibration.stats,
                                                              progress=lambda s: bar.update(1))
         else:
             data = DataFile(tmp / "model.onnx.data")
             g = Graph(data)
             graph, tensors, n_params = build_decoder(g, arch, source.get, policy, max_context=max_ctx,
-                                                     importance=calibration and calibration.importance,
+                                                     calibration=calibration and calibration.stats,
                                                      progress=lambda s: bar.update(1))
             data.close()
             g.save(tmp / "model.onnx")

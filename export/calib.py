@@ -1,9 +1,11 @@
-"""Calibration: how much each input channel of every linear layer matters, measured on a text
-(the idea of llama.cpp's importance matrix). `quantize(..., importance=)` weighs its search by it.
+"""Calibration: the statistics of every linear layer's input on a text. The mse search weighs input
+channels by their mean x² (the idea of llama.cpp's importance matrix); gptq needs the whole second
+moment X^T X to carry each column's rounding error into the columns not yet quantized.
 
     source ─► fp32 bundle (a temporary folder, context = one window)
            ─► every graph gets one more output per linear: its input x [.., K]
-           ─► the text runs through in disjoint windows ─► importance[name] = mean over tokens of x² [K]
+           ─► the text runs through in disjoint windows
+           ─► stats[name] = tokens n, sum of x² [K], and with gram=True X^T X [K, K] (fp32)
 
 An MoE's stages and experts run as the runtime's staged pipeline does (route, then each expert on
 the tokens routed to it), so an expert's importance averages only over its own tokens; an expert
@@ -34,27 +36,51 @@ EXPERT_PREFIX = "expert."           # the expert graph's tensor names; the manif
 
 
 @dataclass(frozen=True)
+class Activations:
+    """What one linear layer's input looked like on the calibration text."""
+    n: int                          # tokens seen
+    sq: np.ndarray                  # sum of x² per input channel [K]
+    gram: np.ndarray | None         # X^T X [K, K] (fp32), when collected
+
+    @property
+    def importance(self) -> np.ndarray:
+        return (self.sq / self.n).astype(np.float32)                         # mean x² [K]
+
+
+@dataclass(frozen=True)
 class Calibration:
-    importance: dict[str, np.ndarray]    # tensor name -> mean x² per input channel [K]
+    stats: dict[str, Activations]        # tensor name -> its input's statistics
     tokens: int
     text_sha256: str
+
+    @property
+    def importance(self) -> dict[str, np.ndarray]:
+        return {k: a.importance for k, a in self.stats.items()}
 
     def describe(self, path: str) -> str:
         return f"{Path(path).name} (sha256 {self.text_sha256[:16]}, {self.tokens} tokens)"
 
 
 class _Acc:
-    def __init__(self):
+    def __init__(self, gram: bool):
+        self.want_gram = gram
         self.sum: dict[str, np.ndarray] = {}
+        self.gram: dict[str, np.ndarray] = {}
         self.n: dict[str, int] = {}
 
     def add(self, name: str, x: np.ndarray) -> None:
-        x = x.reshape(-1, x.shape[-1]).astype(np.float64)                  # [tokens, K]
-        self.sum[name] = self.sum.get(name, 0.0) + np.square(x).sum(0)
+        x = x.reshape(-1, x.shape[-1])                                      # [tokens, K]
+        self.sum[name] = self.sum.get(name, 0.0) + np.square(x, dtype=np.float64).sum(0)
         self.n[name] = self.n.get(name, 0) + x.shape[0]
+        if self.want_gram:
+            x = x.astype(np.float32, copy=False)
+            if name in self.gram:
+                self.gram[name] += x.T @ x                                  # [K, K]
+            else:
+                self.gram[name] = x.T @ x
 
-    def result(self) -> dict[str, np.ndarray]:
-        return {k: (s / self.n[k]).astype(np.float32) for k, s in self.sum.items()}
+    def result(self) -> dict[str, Activations]:
+        return {k: Activations(self.n[k], s, self.gram.get(k)) for k, s in self.sum.items()}
 
 
 def _instrument(path: Path, names: set[str]) -> tuple[Path, dict[str, list[str]]]:
@@ -78,8 +104,10 @@ def _add(acc: "_Acc", taps: dict[str, list[str]], values: dict[str, np.ndarray],
             acc.add(prefix + t, values[name])
 
 
-def collect(src: str, text_path: str, *, max_tokens: int, threads: int = 0, workdir: Path | None = None) -> Calibration:
-    """Importance of every linear layer of `src` on the text in `text_path` (first `max_tokens` tokens)."""
+def collect(src: str, text_path: str, *, max_tokens: int, gram: bool = False, threads: int = 0,
+            workdir: Path | None = None) -> Calibration:
+    """Input statistics of every linear layer of `src` on the text in `text_path` (its first `max_tokens`
+    tokens); `gram` adds X^T X (SmolMoE: 240 experts x (576² + 1536²) x 4 bytes = 2.6 GB)."""
     from . import ExportOptions, export_model         # a calibration is a small fp32 export run on the text
 
     try:
@@ -96,7 +124,7 @@ def collect(src: str, text_path: str, *, max_tokens: int, threads: int = 0, work
         if len(ids) < ctx // 4:
             raise ConfigError(f"--calib {text_path}: only {len(ids)} tokens; give it at least {ctx // 4}")
         use_global_pool(threads or default_threads())
-        acc = _Acc()
+        acc = _Acc(gram)
         run = _run_moe if m.moe else _run_dense
         run(bundle, ids, acc, ctx)
         return Calibration(acc.result(), len(ids), hashlib.sha256(text.encode()).hexdigest())

@@ -15,7 +15,7 @@ past and present share one [1, kv_heads, max_context, head_dim] buffer per layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 from onnx import TensorProto
@@ -26,6 +26,9 @@ from .arch.common import DecoderArch
 from .onnx_graph import Graph
 from .quant import QuantScheme, quantize
 from .rope import tables
+
+if TYPE_CHECKING:
+    from .calib import Activations
 
 MS = "com.microsoft"
 
@@ -56,11 +59,11 @@ class Tied:
 class _Emitter:
     """Adds weights to the graph and records each one's manifest entry."""
 
-    def __init__(self, g: Graph, *, half_scales: bool = True, importance: Mapping[str, np.ndarray] | None = None):
+    def __init__(self, g: Graph, *, half_scales: bool = True, calibration: Mapping[str, Activations] | None = None):
         self.g = g
         self.half_scales = half_scales     # store fp16 scales as fp16 (False: fp32 in the graph, as the expert
                                            #   graph takes them; export/moe.py halves them in the store)
-        self.importance = importance or {}  # tensor name -> per-input-channel importance (export/calib.py)
+        self.calibration = calibration or {}  # tensor name -> its input's statistics (export/calib.py)
         self.entries: list[TensorEntry] = []
         self.num_parameters = 0
         self.tied: Tied | None = None      # set by a quantized embedding stored in the data file
@@ -99,9 +102,9 @@ class _Emitter:
         return self.g.weight(name, w.astype(np.float32))
 
     def linear(self, x: str, w: np.ndarray, name: str, scheme: QuantScheme | None, bias: np.ndarray | None = None,
-               *, out: str | None = None, importance_of: str | None = None) -> str:
+               *, out: str | None = None, calibration_of: str | None = None) -> str:
         """y = x @ w.T (+ bias); w is [N, K] as in a Hugging Face Linear. `out` names the result;
-        `importance_of` names the tensor whose calibration applies (one that reads the same input)."""
+        `calibration_of` names the tensor whose calibration applies (one that reads the same input)."""
         n, k = w.shape
         outs = [out] if out else None
         if scheme is None:
@@ -111,9 +114,9 @@ class _Emitter:
                 return self.g.op("MatMul", [x, wt], name=name, outputs=outs)[0]
             y = self.g.op1("MatMul", [x, wt], name=name)
             return self.g.op("Add", [y, self.plain(name + ".bias", bias)], name=name + "/bias", outputs=outs)[0]
-        imp = self.importance.get(importance_of or name) if scheme.method == "mse" else None
-        q = quantize(w, scheme, importance=imp)
-        self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err, calibrated=imp is not None)
+        act = self.calibration.get(calibration_of or name) if scheme.method != "rtn" else None
+        q = quantize(w, scheme, importance=act and act.importance, gram=act and act.gram)
+        self.record(name, w, q.scheme, q.max_rel_err, q.rms_rel_err, calibrated=act is not None)
         ins = [x, self.g.weight(name + ".qweight", q.packed), self.scales(name, q.scales, scheme)]
         ins.append(self.g.weight(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
         if bias is not None:
@@ -192,7 +195,7 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
             q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
                            3, name=p + "qkv_split", axis=-1)
     else:   # k, v at their own precision: three projections reading x (the calibration's is qkv's)
-        q, k, v = (em.linear(x, w(r), p + r, scheme if r == "q" else kv_scheme, b(r), importance_of=p + "qkv")
+        q, k, v = (em.linear(x, w(r), p + r, scheme if r == "q" else kv_scheme, b(r), calibration_of=p + "qkv")
                    for r in ("q", "k", "v"))
         split = True
     if split:
@@ -256,12 +259,12 @@ def lm_head(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.n
 
 
 def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray], policy: QuantPolicy, *,
-                  max_context: int, importance: Mapping[str, np.ndarray] | None = None,
+                  max_context: int, calibration: Mapping[str, Activations] | None = None,
                   progress: Callable[[str], None] = lambda s: None
                   ) -> tuple[GraphSpec, list[TensorEntry], int]:
     """Emit the whole dense decoder into `g`; returns the graph spec, tensor entries, parameter count."""
     s: ModelSpec = arch.spec
-    em = _Emitter(g, importance=importance)
+    em = _Emitter(g, calibration=calibration)
     ids = g.input("input_ids", TensorProto.INT64, [1, "S"])
     step = step_inputs(g, arch, max_context)
     h = em.embedding(ids, get(arch.top["embed"]), "embed", policy.embed)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 from onnx import TensorProto
@@ -29,6 +29,9 @@ from .arch.common import DecoderArch
 from .decoder import QuantPolicy, StepInputs, _Emitter, attention, lm_head, swiglu_mlp
 from .onnx_graph import ALIGN, DataFile, Graph, external_tensor
 from .rope import tables
+
+if TYPE_CHECKING:
+    from .calib import Activations
 
 
 class _Blob:
@@ -52,10 +55,10 @@ class _Blob:
 
 
 def _expert_graph(blob: _Blob, gate, up, down, hidden: int, schemes, prefix: str,
-                  importance: Mapping[str, np.ndarray]):
+                  calibration: Mapping[str, Activations]):
     """The expert graph (x [T, H] -> y [T, H]) with this expert's weights in `blob`."""
     g = Graph(blob, inline_below=0)
-    em = _Emitter(g, half_scales=False, importance=importance)   # fp32 in the graph; _store halves them
+    em = _Emitter(g, half_scales=False, calibration=calibration)   # fp32 in the graph; _store halves them
     x = g.input("x", TensorProto.FLOAT, ["T", hidden])
     swiglu_mlp(g, em, x, gate, up, down, prefix, schemes, out="y")
     g.output("y", TensorProto.FLOAT, ["T", hidden])
@@ -78,13 +81,13 @@ def _store(raw: bytes, tensors: tuple[ExpertTensor, ...], half: set[str]) -> tup
 
 
 def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], policy: QuantPolicy, *,
-              max_context: int, importance: Mapping[str, np.ndarray] | None = None,
+              max_context: int, calibration: Mapping[str, Activations] | None = None,
               progress: Callable[[str], None] = lambda s: None
               ) -> tuple[GraphSpec, MoESpec, list[TensorEntry], int, list[str]]:
     """Write stages, expert graph and expert store into `root`; returns the graph spec (KV cache),
-    the MoE spec, tensor entries, parameter count and the files written. `importance` is keyed by
+    the MoE spec, tensor entries, parameter count and the files written. `calibration` is keyed by
     manifest tensor name (export/calib.py)."""
-    importance = importance or {}
+    calibration = calibration or {}
     s, moe = arch.spec, arch.moe
     data = DataFile(root / "stages.onnx.data")
     cos, sin = tables(s.head_dim, s.rope_theta, arch.rope_scaling, max_context)
@@ -116,7 +119,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             raise UnsupportedError(f"layer {i} of this {s.architecture} model has a dense MLP; "
                                    "mixing dense and sparse layers is not supported yet")
         g = Graph(data)
-        em = _Emitter(g, importance=importance)
+        em = _Emitter(g, calibration=calibration)
         step = StepInputs(g.input("seqlens_k", TensorProto.INT32, [1]),
                           g.input("total_sequence_length", TensorProto.INT32, []),
                           g.shared_weight("rope.cos", np.float32, cos.shape, cos_at),
@@ -163,7 +166,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             blob = _Blob("experts.bin")
             mine = f"layers.{i}.experts.{e}."
             eg, eem = _expert_graph(blob, gate, up, down, s.hidden_size, (policy.experts, policy.experts_down),
-                                    "expert.", {"expert." + k[len(mine):]: v for k, v in importance.items()
+                                    "expert.", {"expert." + k[len(mine):]: v for k, v in calibration.items()
                                                 if k.startswith(mine)})
             graph_layout = tuple(ExpertTensor(name=t.name, dtype=_np_dtype(t.data_type), shape=tuple(t.dims),
                                               offset=int({k.key: k.value for k in t.external_data}["offset"]))
@@ -202,7 +205,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
 
     # head
     g = Graph(data)
-    em = _Emitter(g, importance=importance)
+    em = _Emitter(g, calibration=calibration)
     h = g.input("hidden", TensorProto.FLOAT, [1, "S", s.hidden_size])
     residual = g.input("residual", TensorProto.FLOAT, [1, "S", s.hidden_size])
     positions = lm_head(g, em, arch, get, h, residual, policy.lm_head, tied)

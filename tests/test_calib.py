@@ -30,8 +30,8 @@ def _reference(ckpt, ids: list[int], ctx: int):
     def hook(name):
         def f(mod, inp):
             x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-            s, n = acc.get(name, (0.0, 0))
-            acc[name] = (s + (x * x).sum(0), n + x.shape[0])
+            s, n, gram = acc.get(name, (0.0, 0, 0.0))
+            acc[name] = (s + (x * x).sum(0), n + x.shape[0], gram + x.T @ x)
         return f
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) or name.endswith(".mlp"):
@@ -48,17 +48,21 @@ def _encode(ckpt, text):
 
 
 def test_dense_importance_is_the_mean_square_of_each_linear_input(tiny_checkpoint, tmp_path):
+    """... and with gram=True (what gptq needs) each input's X^T X."""
     ckpt = tiny_checkpoint("llama")
     text = _text(tmp_path)
-    cal = collect(str(ckpt), str(text), max_tokens=300, workdir=tmp_path)
+    cal = collect(str(ckpt), str(text), max_tokens=300, gram=True, workdir=tmp_path)
     ids = _encode(ckpt, text.read_text())[:300]
     assert cal.tokens == len(ids) == 300
     _, acc = _reference(ckpt, ids, 128)                 # the tiny model's context: 128
     for i in range(2):
         for ours, theirs in (("qkv", "self_attn.q_proj"), ("o", "self_attn.o_proj"),
                              ("gate_up", "mlp.gate_proj"), ("down", "mlp.down_proj")):
-            s, n = acc[f"model.layers.{i}.{theirs}"]
+            s, n, gram = acc[f"model.layers.{i}.{theirs}"]
             np.testing.assert_allclose(cal.importance[f"layers.{i}.{ours}"], (s / n).numpy(), rtol=2e-4, atol=1e-7)
+            got = cal.stats[f"layers.{i}.{ours}"]
+            assert got.n == n
+            np.testing.assert_allclose(got.gram, gram.numpy(), rtol=1e-4, atol=1e-4 * float(gram.abs().max()))
 
 
 def test_moe_expert_importance_counts_only_the_tokens_routed_to_it(tiny_checkpoint, tmp_path):
@@ -108,7 +112,36 @@ def test_calibrated_export_records_it_and_runs(tiny_checkpoint, tmp_path):
     assert len(model.generate_ids([1, 2, 3], max_new_tokens=4)) == 4
 
 
-def test_calib_needs_the_mse_search(tiny_checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="--method mse"):
+def test_calib_needs_a_data_aware_method_and_gptq_needs_calib(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="--method mse or gptq"):
         export_model(str(tiny_checkpoint("llama")), tmp_path / "b",
                      ExportOptions(quant="int4", method="rtn", calib=str(_text(tmp_path))), progress=False)
+    with pytest.raises(ConfigError, match="--calib"):
+        export_model(str(tiny_checkpoint("llama")), tmp_path / "b", ExportOptions(quant="int4", method="gptq"),
+                     progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_gptq_export_records_it_and_beats_mse_on_the_calibration_text(tiny_checkpoint, tmp_path, arch):
+    """Every linear the text reaches is quantized by gptq (the manifest says so per tensor), and the
+    int4 model's logits on the text are closer to fp32's than the mse search's."""
+    import edge
+    ckpt = tiny_checkpoint(arch)
+    text = _text(tmp_path)
+    outs = {}
+    for name, opts in (("fp32", ExportOptions(quant="fp32")),
+                       ("mse", ExportOptions(quant="int4", calib=str(text), calib_tokens=300)),
+                       ("gptq", ExportOptions(quant="int4", method="gptq", calib=str(text), calib_tokens=300))):
+        outs[name] = export_model(str(ckpt), tmp_path / name, opts, progress=False).out
+    m = json.loads((outs["gptq"] / "manifest.json").read_text())
+    methods = {t["name"]: t.get("method") for t in m["tensors"] if t["dtype"] == "int4"}
+    assert methods and all(v == "gptq" for k, v in methods.items() if ".experts." not in k)
+    assert any(v == "gptq" for k, v in methods.items() if ".experts." in k) or arch == "llama"
+    ids = np.array(_encode(ckpt, text.read_text())[:100])
+    logits = {}
+    for name, out in outs.items():
+        model = edge.load(out, threads=2)
+        logits[name] = model.decoder.forward(ids, all_logits=True).reshape(len(ids), -1).copy()
+    err = {k: float(np.sqrt(np.mean((logits[k] - logits["fp32"]) ** 2))) for k in ("mse", "gptq")}
+    assert err["gptq"] < err["mse"], err
