@@ -124,8 +124,9 @@ def test_calib_needs_a_data_aware_method_and_gptq_needs_calib(tiny_checkpoint, t
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_gptq_export_records_it_and_beats_mse_on_the_calibration_text(tiny_checkpoint, tmp_path, arch):
-    """Every linear the text reaches is quantized by gptq (the manifest says so per tensor), and the
-    int4 model's logits on the text are closer to fp32's than the mse search's."""
+    """Every linear the text reaches but q, k, v is quantized by gptq (the manifest says so per tensor;
+    q, k, v keep the mse search), and the int4 model's logits on the text are closer to fp32's than
+    the mse search's."""
     import edge
     ckpt = tiny_checkpoint(arch)
     text = _text(tmp_path)
@@ -136,7 +137,9 @@ def test_gptq_export_records_it_and_beats_mse_on_the_calibration_text(tiny_check
         outs[name] = export_model(str(ckpt), tmp_path / name, opts, progress=False).out
     m = json.loads((outs["gptq"] / "manifest.json").read_text())
     methods = {t["name"]: t.get("method") for t in m["tensors"] if t["dtype"] == "int4"}
-    assert methods and all(v == "gptq" for k, v in methods.items() if ".experts." not in k)
+    qkv = {k for k in methods if k.rsplit(".", 1)[-1] in ("qkv", "q", "k", "v")}
+    assert qkv and all(methods[k] == "mse" for k in qkv)
+    assert all(v == "gptq" for k, v in methods.items() if ".experts." not in k and k not in qkv), methods
     assert any(v == "gptq" for k, v in methods.items() if ".experts." in k) or arch == "llama"
     ids = np.array(_encode(ckpt, text.read_text())[:100])
     logits = {}
