@@ -41,7 +41,8 @@ class ExportOptions:
     block_size: int = 0              # 0: DEFAULT_BLOCK of `quant` (an int4 export's int8 embedding: 32)
     symmetric: bool = True
     method: str = "mse"              # mse | gptq | rtn (export/quant.py). SmolLM2 perplexity vs fp32: int4 +17.6%
-                                     #   with mse vs +22.2% with rtn; int8 +0.39% vs +0.47%
+                                     #   with mse vs +22.2% with rtn, +6.5% with gptq (needs calib); int8
+                                     #   +0.39% vs +0.47%
     embed_quant: str = "auto"        # fp32 | int8 | int4 | auto: fp32 for fp32 exports, else int8 (only the
                                      #   gathered rows are ever read, so int8 costs disk, not speed or RSS)
     lm_head_quant: str = "auto"      # fp32 | int8 | int4 | auto: with tied embeddings as the embedding (its
