@@ -1,6 +1,7 @@
 """The `edge` command: export, run, chat, bench, inspect (devices and plan: cli_devices.py)."""
 from __future__ import annotations
 
+import collections
 import json
 import sys
 import traceback
@@ -267,11 +268,13 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
             for d in t.shape:
                 n *= d
             kinds[t.dtype][1] += n
+        methods = collections.Counter(t.method for t in m.tensors if t.dtype != "float32")
         rows = [("format", f"{m.format_version} ({m.producer})"), ("source", f"{m.source.path} ({m.source.format}, {m.source.dtype})"),
                 ("architecture", f"{s.architecture}: {s.num_layers} layers, hidden {s.hidden_size}, heads {s.num_heads}/{s.num_kv_heads} "
                                  f"(q/kv), head_dim {s.head_dim}, ffn {s.intermediate_size}, vocab {s.vocab_size}"),
                 ("parameters", f"{s.num_parameters / 1e6:.1f}M"), ("context", f"{s.max_context} tokens"),
                 ("quantization", m.quant + "  (" + ", ".join(f"{k}: {v[0]} tensors / {v[1] / 1e6:.1f}M weights" for k, v in kinds.items()) + ")"),
+                ("methods", ", ".join(f"{k}: {v} tensors" for k, v in sorted(methods.items())) or "none (fp32)"),
                 ("calibration", m.source.calibration or "none (data-free)"),
                 ("files", ", ".join(f"{f.path} {f.size / 2**20:.1f} MB" for f in m.files)),
                 ("eos tokens", ", ".join(map(str, m.tokenizer.eos_token_ids))),

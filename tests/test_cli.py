@@ -1,5 +1,6 @@
 """The `edge` command line: every subcommand runs; errors are one line unless --debug."""
 import json
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ def test_inspect_and_verify(tiny_bundle):
     r = edge_cli("inspect", tiny_bundle("llama", "int4"), "--verify", "--tensors")
     assert r.returncode == 0 and "every sha256 matches" in r.stdout and "layers.0.qkv" in r.stdout
     assert "none (data-free)" in r.stdout                         # no --calib
+    assert re.search(r"methods\s+mse: \d+ tensors", r.stdout)     # the default search, counted per tensor
     j = json.loads(edge_cli("inspect", tiny_bundle("llama", "int4"), "--json").stdout)
     assert j["quant"] == "int4" and j["format_version"] == 1
 
