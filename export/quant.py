@@ -83,16 +83,21 @@ def _levels(bits: int) -> tuple[int, int]:
     return (1 << bits) - 1, 1 << (bits - 1)   # (max code, implied symmetric zero point)
 
 
-def _weights(blocks: np.ndarray, k: int, importance: np.ndarray | None) -> np.ndarray:
-    """mse's per-element weights [n, n_blocks, bs]: sqrt(row mean square + w^2) x importance."""
-    n, nb, bs = blocks.shape
-    sigma2 = np.square(blocks).sum((1, 2), keepdims=True) / k                  # [n, 1, 1]
+def _row_mean_square(blocks: np.ndarray, k: int) -> np.ndarray:
+    return np.square(blocks).sum((1, 2), keepdims=True) / k                    # [n, 1, 1]
+
+
+def _padded(importance: np.ndarray, width: int) -> np.ndarray:
+    imp = np.zeros(width, np.float32)                                          # padded input channels: 0
+    imp[:len(importance)] = importance
+    return imp
+
+
+def _weights(blocks: np.ndarray, sigma2: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """mse's per-element weights [n, nb, bs] for blocks [n, nb, bs]: sqrt(sigma2 + w^2) x importance,
+    sigma2 the row's mean square [n, 1, 1] and `importance` the blocks' input channels [nb * bs], padded."""
     wt = np.sqrt(sigma2 + np.square(blocks))
-    if importance is not None:
-        imp = np.zeros(nb * bs, np.float32)
-        imp[:k] = importance
-        wt = wt * imp.reshape(1, nb, bs)
-    return wt
+    return wt if importance is None else wt * importance.reshape(1, *blocks.shape[1:])
 
 
 def _half(scales: np.ndarray, scheme: QuantScheme) -> np.ndarray:
@@ -114,7 +119,8 @@ def _quantize_rows(w: np.ndarray, scheme: QuantScheme, importance: np.ndarray | 
     if u is not None:
         q, scales, zp = _gptq(wp.copy(), u, scheme, importance, k)     # the error is measured against wp
     elif scheme.method == "mse":
-        wt = _weights(blocks, k, importance)
+        imp = None if importance is None else _padded(importance, nb * bs)
+        wt = _weights(blocks, _row_mean_square(blocks, k), imp)
         q, scales, zp = (_mse_symmetric if scheme.symmetric else _mse_asymmetric)(blocks, wt, qmax, zsym)
         if scheme.scale_dtype == "float16":
             scales, q = _half(scales, scheme), None              # codes for the scale as stored
@@ -167,16 +173,15 @@ def _gptq(wp: np.ndarray, u: np.ndarray, scheme: QuantScheme, importance: np.nda
     nb = wp.shape[1] // bs
     qmax, zsym = _levels(scheme.bits)
     search = _mse_symmetric if scheme.symmetric else _mse_asymmetric
-    sigma2 = np.square(wp).sum(1)[:, None, None] / k                                   # [n, 1, 1]
-    imp = np.zeros(nb * bs, np.float32)
-    imp[:k] = importance
+    sigma2 = _row_mean_square(wp[:, None], k)                    # [n, 1, 1], of the rows as they came in
+    imp = _padded(importance, nb * bs)
     codes = np.empty((n, nb, bs), np.uint8)
     scales = np.empty((n, nb), np.float32)
     zps = np.empty((n, nb), np.float32)
     for b in range(nb):
         j = b * bs
         blk = wp[:, None, j:j + bs]                                                     # [n, 1, bs]
-        _, s, zp = search(blk, np.sqrt(sigma2 + np.square(blk)) * imp[j:j + bs], qmax, zsym)
+        _, s, zp = search(blk, _weights(blk, sigma2, imp[j:j + bs]), qmax, zsym)
         s, zp = _half(s[:, 0], scheme), zp[:, 0]                                         # [n]
         safe = np.where(s == 0, 1.0, s)
         err = np.empty((n, bs), np.float32)
