@@ -12,20 +12,59 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle
-from .engine import check_context_length, open_session, pooled_options, step_ids, use_global_pool
+from .engine import (PREFILL_CHUNK, check_context_length, in_chunks, open_session, pooled_options, step_ids,
+                     use_global_pool)
 from .experts import ExpertCache
 from .prefetch import Guesser, Prefetcher, PrefetchStats, load_routers
 from .errors import BudgetError, ConfigError
 from .memory import release_file_pages, return_freed_memory, status, trim_heap
 
 
+def _load_expf():
+    """C's float exp, as onnxruntime's QMoE computes routing weights with it (std::exp on floats).
+    numpy's float32 exp differs from it in the last bit for ~40% of inputs; rounding a float64 exp
+    (the fallback, where no C math library is found) for ~0.07%."""
+    import ctypes
+    import ctypes.util
+    for name in ("libm.so.6", ctypes.util.find_library("m")):
+        try:
+            f = ctypes.CDLL(name).expf
+        except (OSError, AttributeError, TypeError):
+            continue
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+        return lambda x: np.frompyfunc(f, 1, 1)(x).astype(np.float32)
+    return lambda x: np.exp(x.astype(np.float64)).astype(np.float32)
+
+
+_expf = _load_expf()
+MIN_WEIGHT = np.float32(1e-8)      # QMoE skips an expert whose renormalised weight is not above this
+
+
 def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax over experts, top-k: (expert ids [T, k], weights [T, k]) for fp32 router logits [T, E].
-    Ties go to the lower expert id, as torch.topk does. Runs once per layer per token: kept lean."""
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    ids = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]                 # [T, k]
-    w = p[np.arange(len(p))[:, None], ids]                                   # [T, k]
-    return ids, w / (w if normalize else p).sum(-1, keepdims=True)
+    """(expert ids [T, k], weights [T, k]) for fp32 router logits [T, E]: softmax over experts, top-k,
+    renormalised if asked. Ties go to the lower expert id, as torch.topk does.
+
+    The renormalised weights are computed exactly as onnxruntime's QMoE computes them (the fused
+    graph's path): e_j = expf(l_j - l_0) over the top-k logits in descending order, summed left to
+    right, times the sum's reciprocal; an expert whose weight is not above 1e-8 is skipped (weight 0:
+    callers do not run it). With the experts' outputs added in the same order, a staged layer equals
+    the fused graph's bit for bit. Runs once per layer per token: kept lean."""
+    t = np.arange(len(logits))[:, None]
+    ids = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]             # [T, k]
+    top = logits[t, ids]                                                     # [T, k], descending
+    e = np.ones_like(top)
+    if top_k > 1:
+        e[:, 1:] = _expf(top[:, 1:] - top[:, :1])
+    total = e[:, 0].copy()
+    for j in range(1, top_k):
+        total += e[:, j]
+    w = e * (np.float32(1) / total)[:, None]
+    skip = w <= MIN_WEIGHT
+    if not normalize:       # plain softmax probabilities: QMoE's weights x the top-k probability mass
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        w = p[t, ids] / p.sum(-1, keepdims=True)
+    w[skip] = 0
+    return ids, w
 
 
 class _Stage:
@@ -63,7 +102,6 @@ class _Stage:
 
 
 HEADROOM = 48 << 20       # activations, onnxruntime arenas, Python: measured peaks stay well inside
-PREFILL_CHUNK = 64        # prompt tokens per forward pass: bounds activation memory under a budget
 
 
 @dataclass(frozen=True)
@@ -107,6 +145,7 @@ class MoEDecoder:
         check_context_length(context_length, m.model.max_context)
         self.moe = m.moe
         self.context_length = context_length
+        self.prefill_chunk = PREFILL_CHUNK         # prompt tokens per pass: bounds activation memory
         self.vocab_size = m.model.vocab_size
         self.hidden = m.model.hidden_size
         use_global_pool(threads)
@@ -221,10 +260,11 @@ class MoEDecoder:
         io, oo = self.moe.expert_input, self.moe.expert_output
         if x.shape[0] == 1:                                   # decode: no gathering needed
             for e, wk in zip(ids[0], w[0]):
-                out += wk * self.experts.get(layer, int(e)).run([oo], {io: x})[0]
+                if wk:
+                    out += wk * self.experts.get(layer, int(e)).run([oo], {io: x})[0]
             return out
-        for e in np.unique(ids):
-            tok, slot = np.nonzero(ids == e)
+        for e in np.unique(ids[w > 0]):
+            tok, slot = np.nonzero((ids == e) & (w > 0))
             y = self.experts.get(layer, int(e)).run([oo], {io: x[tok]})[0]
             np.add.at(out, tok, w[tok, slot][:, None] * y)
         return out
@@ -266,10 +306,12 @@ class MoEDecoder:
                 if pf is not None and guess is not None:
                     pf.want(layer + 1, guess)                 # read in the background while these run
             for k in range(K):
-                self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)
+                if w[k]:
+                    self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)
             np.multiply(self._y[0][0], w[0], out=hidden)
             for k in range(1, K):
-                hidden += w[k] * self._y[k][0]
+                if w[k]:
+                    hidden += w[k] * self._y[k][0]
             if self._shared[layer]:
                 hidden += b["shared"][0, 0]
         st = self.stages[-1]
@@ -279,10 +321,8 @@ class MoEDecoder:
     def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
         ids, total = step_ids(ids, self.position, self.context_length)
         s = ids.shape[1]
-        if s > PREFILL_CHUNK:
-            parts = [self.forward(ids[:, i:i + PREFILL_CHUNK], all_logits=all_logits)
-                     for i in range(0, s, PREFILL_CHUNK)]
-            return np.concatenate(parts) if all_logits else parts[-1]
+        if s > self.prefill_chunk:
+            return in_chunks(self.forward, ids, self.prefill_chunk, all_logits)
         self._seqlens[0] = total - 1
         self._total[...] = total
         if s == 1 and not all_logits:

@@ -7,6 +7,8 @@ one expert graph, and the expert store.
                                   └► MatMul(router) ─► router_logits  hidden' = Σ w_k · expert_k(moe_in)
     head (head.onnx): SkipRMSNorm(hidden + residual) ─► Gather(logits_positions) ─► lm_head ─► logits
     expert (expert.onnx): x ─► Linear gate|up ─► Split ─► SiLU·up ─► Linear down ─► y
+        or, where QMoE can run the experts, x ─► one-expert QMoE ─► y: the fused graph's own
+        kernel, so the staged pipeline computes what the fused graph computes, bit for bit
 
 Every expert's weights are one contiguous, 4 KiB aligned blob in experts.bin, laid out exactly as
 the expert graph's initializers (whose external data points at expert (0, 0)); the runtime builds
@@ -63,6 +65,53 @@ def _expert_graph(blob: _Blob, gate, up, down, hidden: int, schemes, prefix: str
     swiglu_mlp(g, em, x, gate, up, down, prefix, schemes, out="y")
     g.output("y", TensorProto.FLOAT, ["T", hidden])
     return g, em
+
+
+def _qmoe_expert(t: Mapping[str, np.ndarray], hidden: int, scheme) -> tuple[Graph, _Blob]:
+    """The expert as a one-expert QMoE node (the kernel of the fused graph's QMoE, whose routing
+    weight is then exactly 1), its weights as QMoE takes them in a new blob:
+
+        x [T, H] ─► Shape[0:1] ─► Concat(·, Constant [1]) ─► ConstantOfShape ─► zeros [T, 1] (router logits)
+        x, zeros, fc1 (gate|up rows interleaved g0, u0, g1, u1, ...), fc2 ─► QMoE(k=1) ─► y [T, H]
+
+    `t`: the MatMulNBits expert graph's tensors, by name (_expert_graph)."""
+    blob = _Blob("experts.bin")
+    g = Graph(blob, inline_below=0)
+    x = g.input("x", TensorProto.FLOAT, ["T", hidden])
+    qw, sc = t["expert.gate_up.qweight"], t["expert.gate_up.scales"]                 # [2F, n, b], [2F, n]
+    ffn = qw.shape[0] // 2
+    order = np.arange(2 * ffn).reshape(2, ffn).T.reshape(-1)                          # [g0, u0, g1, u1, ...]
+    w = {"expert.gate_up.qweight": qw[order].reshape(1, 2 * ffn, -1),                 # [1, 2F, H * bits / 8]
+         "expert.gate_up.scales": sc[order].reshape(1, 2 * ffn, -1),                  # [1, 2F, H / block]
+         "expert.down.qweight": t["expert.down.qweight"].reshape(1, hidden, -1),      # [1, H, F * bits / 8]
+         "expert.down.scales": t["expert.down.scales"].reshape(1, hidden, -1)}        # [1, H, F / block]
+    names = [g.weight(k, v) for k, v in w.items()]
+    rows = g.op1("Shape", [x], name="rows", start=0, end=1)                                    # [1] = T
+    one = g.op1("Constant", [], name="one", value_ints=[1])
+    shape = g.op1("Concat", [rows, one], name="router_shape", axis=0)                          # [2] = T, 1
+    zeros = g.op1("ConstantOfShape", [shape], name="router_logits")                            # [T, 1]
+    g.op("QMoE", [x, zeros, names[0], names[1], "", names[2], names[3]], name="qmoe", outputs=["y"],
+         domain="com.microsoft", **qmoe_attributes(1, scheme))
+    g.output("y", TensorProto.FLOAT, ["T", hidden])
+    return g, blob
+
+
+def qmoe_attributes(k: int, scheme) -> dict:
+    """One set of QMoE attributes for the expert graph and the fused graph: the same kernel."""
+    return dict(k=k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
+                expert_weight_bits=scheme.bits, block_size=scheme.block_size, accuracy_level=4)
+
+
+def _tensors(g: Graph, raw: bytes) -> dict[str, np.ndarray]:
+    """The graph's initializers as arrays over `raw` (its blob's bytes), by name."""
+    return {x.name: np.frombuffer(raw, x.dtype, int(np.prod(x.shape)), x.offset).reshape(x.shape)
+            for x in _layout(g)}
+
+
+def _layout(g: Graph) -> tuple[ExpertTensor, ...]:
+    return tuple(ExpertTensor(name=t.name, dtype=_np_dtype(t.data_type), shape=tuple(t.dims),
+                              offset=int({k.key: k.value for k in t.external_data}["offset"]))
+                 for t in g.initializers)
 
 
 def _store(raw: bytes, tensors: tuple[ExpertTensor, ...], half: set[str]) -> tuple[bytes, tuple[ExpertTensor, ...]]:
@@ -161,17 +210,20 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         n_params += em.num_parameters
 
         stage_graphs.append(g)
-        fc1q, fc1s, fc2q, fc2s = [], [], [], []
+        fused_parts: dict[str, list[np.ndarray]] = {}                 # QMoE tensor name -> per expert
         for e, gate, up, down in moe.experts(get, i):
             blob = _Blob("experts.bin")
             mine = f"layers.{i}.experts.{e}."
             eg, eem = _expert_graph(blob, gate, up, down, s.hidden_size, (policy.experts, policy.experts_down),
                                     "expert.", {"expert." + k[len(mine):]: v for k, v in calibration.items()
                                                 if k.startswith(mine)})
-            graph_layout = tuple(ExpertTensor(name=t.name, dtype=_np_dtype(t.data_type), shape=tuple(t.dims),
-                                              offset=int({k.key: k.value for k in t.external_data}["offset"]))
-                                 for t in eg.initializers)
             raw = blob.bytes()
+            if fusable:
+                eg, blob = _qmoe_expert(_tensors(eg, raw), s.hidden_size, scheme)
+                raw = blob.bytes()
+                for k, v in _tensors(eg, raw).items():
+                    fused_parts.setdefault(k, []).append(v[0])
+            graph_layout = _layout(eg)
             stored, these = _store(raw, graph_layout, half)
             if layout is None:
                 layout = these
@@ -181,14 +233,6 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                 files.append("expert.onnx")
             elif these != layout:
                 raise AssertionError(f"expert {i}.{e} has a different tensor layout")
-            if fusable:   # QMoE wants gate and up rows interleaved: g0, u0, g1, u1, ...
-                t = {x.name: np.frombuffer(raw, x.dtype, int(np.prod(x.shape)), x.offset).reshape(x.shape) for x in graph_layout}
-                ffn = gate.shape[0]
-                order = np.arange(2 * ffn).reshape(2, ffn).T.reshape(-1)                 # [g0, u0, g1, u1, ...]
-                fc1q.append(t["expert.gate_up.qweight"][order].reshape(2 * ffn, -1))    # [2F, H * bits / 8]
-                fc1s.append(t["expert.gate_up.scales"][order])                           # [2F, n_blocks]
-                fc2q.append(t["expert.down.qweight"].reshape(s.hidden_size, -1))        # [H, F * bits / 8]
-                fc2s.append(t["expert.down.scales"])
             store.write(b"\0" * (-store.tell() % ALIGN))
             experts.append(ExpertEntry(layer=i, expert=e, offset=store.tell(), size=len(stored),
                                        sha256=hashlib.sha256(stored).hexdigest()))
@@ -198,10 +242,8 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                         for t in eem.entries]
             n_params += eem.num_parameters
         if fusable:
-            fused_layers.append({k: fused_data.write(np.stack(v).tobytes()) for k, v in
-                                 (("fc1q", fc1q), ("fc1s", fc1s), ("fc2q", fc2q), ("fc2s", fc2s))})
-            fused_shapes = {"fc1q": (moe.num_experts,) + fc1q[0].shape, "fc1s": (moe.num_experts,) + fc1s[0].shape,
-                            "fc2q": (moe.num_experts,) + fc2q[0].shape, "fc2s": (moe.num_experts,) + fc2s[0].shape}
+            fused_layers.append({k: fused_data.write(np.stack(v).tobytes()) for k, v in fused_parts.items()})
+            fused_shapes = {k: (moe.num_experts,) + v[0].shape for k, v in fused_parts.items()}
 
     # head
     g = Graph(data)
@@ -277,17 +319,17 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: lis
         take(g, f"L{i}", ren)
         w = {}
         for k, off in layers[i].items():
-            dtype = np.uint8 if k.endswith("q") else np.float32
-            w[k] = f"layers.{i}.qmoe.{k}"
+            w[k] = f"layers.{i}.qmoe.{k.removeprefix('expert.')}"
+            dtype = np.uint8 if k.endswith("qweight") else np.float32
             out.initializers.append(external_tensor(w[k], dtype, shapes[k], "experts.fused.bin", off))
+        fc1q, fc1s, fc2q, fc2s = (w[f"expert.{m}.{t}"] for m in ("gate_up", "down") for t in ("qweight", "scales"))
         r = out.op1("Reshape", [f"L{i}.router_logits", flat_e], name=f"L{i}/router_flat")           # [S, E]
         last = moe.normalize_topk and not moe.shared_expert               # QMoE's output is the layer's
         # QMoE renormalises the top-k weights; without renormalisation (OLMoE, Qwen-MoE) the weights
         # are the plain softmax probabilities = renormalised weights x the top-k probability mass
-        y = out.op("QMoE", [f"L{i}.moe_in", r, w["fc1q"], w["fc1s"], "", w["fc2q"], w["fc2s"]], name=f"L{i}/qmoe",
-                   outputs=[f"L{i}.moe_out"] if last else None, domain="com.microsoft", k=moe.top_k,
-                   activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
-                   expert_weight_bits=scheme.bits, block_size=scheme.block_size, accuracy_level=4)[0]   # [1, S, H]
+        y = out.op("QMoE", [f"L{i}.moe_in", r, fc1q, fc1s, "", fc2q, fc2s], name=f"L{i}/qmoe",
+                   outputs=[f"L{i}.moe_out"] if last else None, domain="com.microsoft",
+                   **qmoe_attributes(moe.top_k, scheme))[0]                                          # [1, S, H]
         if not moe.normalize_topk:
             probs = out.op1("Softmax", [r], name=f"L{i}/router_softmax", axis=-1)                  # [S, E]
             top = out.op("TopK", [probs, out.weight(f"L{i}.k", np.array([moe.top_k], np.int64))], 2,

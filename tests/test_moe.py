@@ -20,6 +20,62 @@ def test_routing_matches_mixtral():
     np.testing.assert_allclose(w_raw[0], p[[1, 3]], rtol=1e-6)
 
 
+def test_staged_experts_add_up_as_qmoe_does(tmp_path):
+    """One layer, 8 int4 experts whose outputs are not negligible next to a residual stream (in the tiny
+    checkpoints they are, and hide a last-bit difference in a routing weight): the staged path (one-expert QMoE graphs
+    from export, MoEDecoder._mix's routing and sum) equals a QMoE node over all experts, bit for bit.
+    numpy's float32 exp in the routing weights would break it."""
+    from types import SimpleNamespace
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import edge.moe
+    from edge.moe import MoEDecoder
+    from export.moe import _qmoe_expert, _tensors, qmoe_attributes
+    from export.onnx_graph import OPSETS
+    from export.quant import QuantScheme
+
+    rng = np.random.default_rng(0)
+    E, H, F, S, bs = 8, 128, 256, 48, 32
+    scheme = QuantScheme(bits=4, block_size=bs)
+    sessions, stacked = [], {}
+    for e in range(E):
+        t = {"expert.gate_up.qweight": rng.integers(0, 256, (2 * F, H // bs, bs // 2), dtype=np.uint8),
+             "expert.gate_up.scales": rng.uniform(0.01, 0.03, (2 * F, H // bs)).astype(np.float32),
+             "expert.down.qweight": rng.integers(0, 256, (H, F // bs, bs // 2), dtype=np.uint8),
+             "expert.down.scales": rng.uniform(0.01, 0.03, (H, F // bs)).astype(np.float32)}
+        g, blob = _qmoe_expert(t, H, scheme)
+        (tmp_path / "experts.bin").write_bytes(blob.bytes())
+        g.save(tmp_path / f"expert{e}.onnx")
+        sessions.append(ort.InferenceSession(str(tmp_path / f"expert{e}.onnx"), providers=["CPUExecutionProvider"]))
+        for k, v in _tensors(g, blob.bytes()).items():
+            stacked.setdefault(k, []).append(v[0])
+    w = {k: numpy_helper.from_array(np.stack(v), k) for k, v in stacked.items()}
+    node = helper.make_node("QMoE", ["x", "r", "expert.gate_up.qweight", "expert.gate_up.scales", "",
+                                     "expert.down.qweight", "expert.down.scales"], ["y"], domain="com.microsoft",
+                            **qmoe_attributes(2, scheme))
+    graph = helper.make_graph([node], "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", H]),
+                                              helper.make_tensor_value_info("r", TensorProto.FLOAT, ["S", E])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", H])], list(w.values()))
+    fused = ort.InferenceSession(helper.make_model(graph, opset_imports=OPSETS).SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((S, H)).astype(np.float32)
+    logits = rng.standard_normal((S, E)).astype(np.float32)
+    logits[0, 3] = logits[0].max() + 20                        # one token's second expert weighs < 1e-8
+    want = fused.run(None, {"x": x, "r": logits})[0]
+    cache = SimpleNamespace(get=lambda layer, e: sessions[e], prefetcher=None)
+    decoder = SimpleNamespace(moe=SimpleNamespace(top_k=2, normalize_topk=True, expert_input="x", expert_output="y"),
+                              experts=cache)
+    assert np.array_equal(MoEDecoder._mix(decoder, 0, x, logits), want)
+    for t in (0, 1):                       # one token (QMoE's kernels round M = 1 and M > 1 differently)
+        one = fused.run(None, {"x": x[t:t + 1], "r": logits[t:t + 1]})[0]
+        assert np.array_equal(MoEDecoder._mix(decoder, 0, x[t:t + 1], logits[t:t + 1]), one)
+    import unittest.mock
+    with unittest.mock.patch.object(edge.moe, "_expf", np.exp):
+        assert not np.array_equal(MoEDecoder._mix(decoder, 0, x, logits), want)
+
+
 @pytest.mark.parametrize("arch,quant", [("mixtral", "fp32"), ("mixtral", "int4"), ("qwen2_moe", "int4")])
 def test_small_expert_cache_gives_identical_tokens(tiny_bundle, arch, quant):
     b = tiny_bundle(arch, quant)
@@ -58,13 +114,25 @@ def test_prefetch_guesses_are_scored_and_change_nothing(tiny_bundle):
                                        ("qwen2_moe", "int4")])
 def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, arch, quant):
     """Without a memory limit the runtime runs the fused graph (one QMoE node per layer); it must
-    compute what the staged pipeline computes (olmoe: top-k weights not renormalised)."""
+    compute what the staged pipeline computes (olmoe: top-k weights not renormalised). Where the
+    top-k weights are renormalised and k = 2 (Mixtral, SmolMoE, the tiny Qwen3-MoE) it is the same to the bit: each staged
+    expert is a one-expert QMoE and the runtime weighs and adds their outputs as QMoE does."""
     b = tiny_bundle(arch, quant)
-    fused = edge.load(b, threads=1, context_length=64)
-    staged = edge.load(b, threads=1, context_length=64, expert_capacity=8)
+    fused = edge.load(b, threads=2, context_length=64)
+    staged = edge.load(b, threads=2, context_length=64, expert_capacity=8)
     assert type(fused.decoder).__name__ == "Decoder" and type(staged.decoder).__name__ == "MoEDecoder"
     ids = [5, 17, 99, 3, 250, 7, 8, 9]
-    np.testing.assert_allclose(fused.logits(ids), staged.logits(ids), atol=1e-4)
+    f, s = fused.logits(ids), staged.logits(ids)
+    np.testing.assert_allclose(f, s, atol=1e-4)
+    moe = fused.manifest.moe
+    exact = moe.normalize_topk and moe.top_k == 2
+    assert exact == (arch in ("mixtral", "qwen3_moe"))
+    if exact:                                # to the bit, prompt and token by token (decode's buffers)
+        assert np.array_equal(f, s)
+        assert fused.generate_ids(ids, max_new_tokens=12) == staged.generate_ids(ids, max_new_tokens=12)
+        fused.decoder.reset(), staged.decoder.reset()
+        for t in ids:
+            assert np.array_equal(fused.decoder.forward([t]), staged.decoder.forward([t]))
 
 
 def test_dense_layers_inside_a_moe_model_are_refused(tiny_checkpoint, tmp_path):
@@ -180,18 +248,28 @@ def test_lfu_beats_lru_on_skewed_cyclic_routing(tiny_bundle, monkeypatch):
     assert rates["lfu"] > rates["lru"] + 0.10, rates
 
 
-def test_expert_read_buffer_is_free_once_the_session_exists(tiny_bundle):
-    """The cache reuses one read buffer: onnxruntime must not read the blob after prepacking."""
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_expert_read_buffer_is_free_once_the_session_exists(tiny_bundle, monkeypatch, quant):
+    """The cache reuses one read buffer and drops the widened fp32 scales once a session exists:
+    onnxruntime must not read any tensor it was handed after prepacking."""
+    import onnxruntime as ort
+
     from edge.bundle import open_bundle
     from edge.engine import default_threads, use_global_pool
     from edge.experts import ExpertCache
     use_global_pool(default_threads())
-    b = open_bundle(tiny_bundle("mixtral", "int4"))
+    handed = []                               # every array made into an initializer (kept alive here)
+    real = ort.OrtValue.ortvalue_from_numpy
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(lambda a, *r: handed.append(a) or real(a, *r)))
+    b = open_bundle(tiny_bundle("mixtral", quant))
     c = ExpertCache(b, capacity=4, policy="lru")
     x = np.random.default_rng(0).standard_normal((3, b.manifest.model.hidden_size)).astype(np.float32)
     s = c.get(0, 1)
     want = s.run(None, {b.manifest.moe.expert_input: x})[0]
+    assert len(handed) == len(b.manifest.moe.expert_tensors)
     c.reader.buf[:] = 0x5A                                       # scribble over the blob it was built from
+    for a in handed:
+        a[...] = 3 if a.dtype == np.uint8 else np.nan            # and over the widened scales
     assert np.array_equal(s.run(None, {b.manifest.moe.expert_input: x})[0], want)
     c.get(0, 2)                                                  # the next miss overwrites it for real
     assert np.array_equal(s.run(None, {b.manifest.moe.expert_input: x})[0], want)
