@@ -80,20 +80,28 @@ def evaluate(model, ids: list[int], *, context: int, stride: int,
     total, scored, preds = 0.0, 0, []
     t0 = time.perf_counter()
     for begin, end, first in windows(len(ids), context, stride):
-        logits = model.logits(ids[begin:end])[first - 1 - begin:end - 1 - begin]          # [m, V]
-        total += window_nll(logits, ids[first:end])
+        lo, hi = first - 1 - begin, end - 1 - begin          # window positions whose next token is scored
+        for at, logits in model.logits_pieces(ids[begin:end]):       # logits [piece, V] from position `at`
+            a, b = max(lo, at), min(hi, at + len(logits))
+            if a < b:
+                rows = logits[a - at:b - at]                                             # [m, V]
+                total += window_nll(rows, ids[begin + a + 1:begin + b + 1])
+                if keep_top1:
+                    preds.append(rows.argmax(-1).astype(np.int32))
         scored += end - first
-        if keep_top1:
-            preds.append(logits.argmax(-1).astype(np.int32))
     return total, scored, time.perf_counter() - t0, (np.concatenate(preds) if keep_top1 else None)
 
 
-def window_nll(logits: np.ndarray, targets) -> float:
-    """Sum of -log softmax(logits)[target] over the rows; logits [m, V] predict targets [m]."""
-    logits = np.asarray(logits, np.float64)
-    top = logits.max(-1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
-    return float((lse - logits[np.arange(len(logits)), np.asarray(targets)]).sum())
+def window_nll(logits: np.ndarray, targets, rows: int = 16) -> float:
+    """Sum of -log softmax(logits)[target] over the rows; logits [m, V] predict targets [m]. In float64,
+    `rows` rows at a time (a budget's headroom holds 16 x 49k doubles, not a window's)."""
+    targets, total = np.asarray(targets), 0.0
+    for i in range(0, len(logits), rows):
+        x = np.asarray(logits[i:i + rows], np.float64)                                   # [r, V]
+        top = x.max(-1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(x - top).sum(-1))
+        total += float((lse - x[np.arange(len(x)), targets[i:i + rows]]).sum())
+    return total
 
 
 def read_tokens(text: str | None, tokens: str | None, model) -> list[int]:

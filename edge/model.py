@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from .bundle import Bundle, open_bundle
-from .engine import Decoder, default_threads
+from .engine import PREFILL_CHUNK, Decoder, default_threads
 from .errors import ConfigError, ContextError
 from .memory import trim_heap
 from .sampling import Sampler, SamplingParams
@@ -51,7 +51,8 @@ class Model:
                          bundle.path(m.tokenizer.chat_template) if m.tokenizer.chat_template else None)
         if m.moe is not None and m.moe.fused is not None and memory_budget is None and expert_capacity is None:
             # no memory limit: every expert resident, in one graph where onnxruntime routes (QMoE)
-            self.decoder = Decoder(bundle, threads=threads, context_length=context_length, graph=m.moe.fused)
+            self.decoder = Decoder(bundle, threads=threads, context_length=context_length, graph=m.moe.fused,
+                                   prefill_chunk=PREFILL_CHUNK)
         elif m.moe is not None:
             from .moe import MoEDecoder
             self.decoder = MoEDecoder(bundle, threads=threads, context_length=context_length,
@@ -64,7 +65,8 @@ class Model:
                 self.decoder.close()
                 self.decoder = None
                 trim_heap()
-                self.decoder = Decoder(bundle, threads=threads, context_length=context_length, graph=m.moe.fused)
+                self.decoder = Decoder(bundle, threads=threads, context_length=context_length, graph=m.moe.fused,
+                                       prefill_chunk=PREFILL_CHUNK)
                 self.decoder.plan = plan
         else:
             self.decoder = Decoder(bundle, threads=threads, context_length=context_length)
@@ -185,10 +187,19 @@ class Model:
     # -- scoring (perplexity, tests) -------------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] of a fresh sequence (prefill with every position's logits)."""
+        return np.concatenate([lg for _, lg in self.logits_pieces(ids)])
+
+    def logits_pieces(self, ids: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """Logits of a fresh sequence piece by piece, as the decoder runs the prompt: (offset of the
+        piece's first position, logits [piece, vocab]). A window's logits are 100 MB at 512 tokens and
+        a 49k vocabulary; a 64-token piece's are 12.6 MB, so scoring stays inside a memory budget."""
+        ids = np.asarray(ids, np.int64)
+        size = self.decoder.prefill_chunk or max(1, len(ids))
         with self._lock:
             self.decoder.reset()
             try:
-                return self.decoder.forward(ids, all_logits=True).copy()
+                for i in range(0, max(1, len(ids)), size):        # no ids: forward() says so
+                    yield i, self.decoder.forward(ids[i:i + size], all_logits=True)
             finally:
                 self.decoder.reset()
 
