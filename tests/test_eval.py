@@ -58,12 +58,14 @@ def test_eval_cli_compares_bundles(tiny_bundle, tmp_path):
 
 
 def test_moe_eval_under_a_small_cache_equals_all_resident(tiny_bundle):
-    """The same perplexity with 2 of 8 experts resident as with all of them (same staged path)."""
+    """The same perplexity, to the bit, with 2 of 8 experts resident as with all of them in the fused
+    graph; windows longer than a prompt piece (64 tokens), so both run several pieces per window."""
     b = tiny_bundle("mixtral", "int4")
-    ids = list(np.random.default_rng(1).integers(3, 200, 200))
-    full = edge.load(b, threads=1, context_length=64, expert_capacity=8)
-    small = edge.load(b, threads=1, context_length=64, expert_capacity=2)
-    a, n, _, _ = evaluate(full, ids, context=64, stride=64)
-    c, m, _, _ = evaluate(small, ids, context=64, stride=64)
+    ids = list(np.random.default_rng(1).integers(3, 200, 300))
+    full = edge.load(b, threads=1, context_length=128)
+    small = edge.load(b, threads=1, context_length=128, expert_capacity=2)
+    assert type(full.decoder).__name__ == "Decoder"                        # the fused graph
+    a, n, _, _ = evaluate(full, ids, context=128, stride=128)
+    c, m, _, _ = evaluate(small, ids, context=128, stride=128)
     assert n == m and small.decoder.experts.stats.evictions > 0
-    assert math.exp(c / m) == pytest.approx(math.exp(a / n), rel=1e-9)
+    assert c == a

@@ -194,10 +194,14 @@ def test_smolmoe_int4_quarter_cache_identical(smolmoe_hf, workdir):
 
     from export import ExportOptions, export_model
     b = export_model(str(smolmoe_hf), workdir / "smolmoe-int4", ExportOptions(quant="int4", method="rtn"), progress=False).out
-    ids = edge.load(b, threads=2, context_length=128).encode("The robot picked up the box and")
-    want = greedy(edge.load(b, threads=2, context_length=128, expert_capacity=240), ids, 16)
-    quarter = edge.load(b, threads=2, context_length=128, expert_capacity=60)   # 25% of 240 experts
+    full = edge.load(b, threads=2, context_length=256)                          # the fused graph
+    ids = full.encode("The robot picked up the box and")
+    want = greedy(full, ids, 16)
+    quarter = edge.load(b, threads=2, context_length=256, expert_capacity=60)   # 25% of 240 experts
     assert greedy(quarter, ids, 16) == want
+    text = full.encode(" ".join(["The arm moved the red block onto the shelf, then checked the sensor."] * 12))
+    assert len(text) > 128                                       # several 64-token prompt pieces
+    assert np.array_equal(quarter.logits(text), full.logits(text))
     assert quarter.decoder.experts.stats.evictions > 0
 
 
