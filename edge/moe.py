@@ -26,13 +26,13 @@ def _load_expf():
     (the fallback, where no C math library is found) for ~0.07%."""
     import ctypes
     import ctypes.util
-    for name in ("libm.so.6", ctypes.util.find_library("m")):
+    for find in (lambda: "libm.so.6", lambda: ctypes.util.find_library("m")):   # the second spawns ldconfig
         try:
-            f = ctypes.CDLL(name).expf
+            f = ctypes.CDLL(find()).expf
         except (OSError, AttributeError, TypeError):
             continue
         f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-        return lambda x: np.frompyfunc(f, 1, 1)(x).astype(np.float32)
+        return lambda x: np.fromiter(map(f, x.ravel().tolist()), np.float32, x.size).reshape(x.shape)
     return lambda x: np.exp(x.astype(np.float64)).astype(np.float32)
 
 
@@ -42,7 +42,8 @@ MIN_WEIGHT = np.float32(1e-8)      # QMoE skips an expert whose renormalised wei
 
 def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
     """(expert ids [T, k], weights [T, k]) for fp32 router logits [T, E]: softmax over experts, top-k,
-    renormalised if asked. Ties go to the lower expert id, as torch.topk does.
+    renormalised if asked. Ties go to the lower expert id, as torch.topk does (QMoE's own sort takes
+    the higher id on an exact tie of two fp32 logits, the one case where the paths below can differ).
 
     The renormalised weights are computed exactly as onnxruntime's QMoE computes them (the fused
     graph's path): e_j = expf(l_j - l_0) over the top-k logits in descending order, summed left to
@@ -52,9 +53,7 @@ def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, 
     t = np.arange(len(logits))[:, None]
     ids = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]             # [T, k]
     top = logits[t, ids]                                                     # [T, k], descending
-    e = np.ones_like(top)
-    if top_k > 1:
-        e[:, 1:] = _expf(top[:, 1:] - top[:, :1])
+    e = _expf(top - top[:, :1])                                              # e[:, 0] = expf(0) = 1
     total = e[:, 0].copy()
     for j in range(1, top_k):
         total += e[:, j]
