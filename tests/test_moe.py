@@ -31,11 +31,13 @@ def test_staged_experts_add_up_as_qmoe_does(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     import edge.moe
+    from edge.engine import default_threads, open_session, pooled_options, use_global_pool
     from edge.moe import MoEDecoder
     from export.moe import _qmoe_expert, _tensors, qmoe_attributes
     from export.onnx_graph import OPSETS
     from export.quant import QuantScheme
 
+    use_global_pool(default_threads())       # as the runtime's sessions do (one per process)
     rng = np.random.default_rng(0)
     E, H, F, S, bs = 8, 128, 256, 48, 32
     scheme = QuantScheme(bits=4, block_size=bs)
@@ -48,7 +50,7 @@ def test_staged_experts_add_up_as_qmoe_does(tmp_path):
         g, blob = _qmoe_expert(t, H, scheme)
         (tmp_path / "experts.bin").write_bytes(blob.bytes())
         g.save(tmp_path / f"expert{e}.onnx")
-        sessions.append(ort.InferenceSession(str(tmp_path / f"expert{e}.onnx"), providers=["CPUExecutionProvider"]))
+        sessions.append(open_session(tmp_path / f"expert{e}.onnx", pooled_options()))
         for k, v in _tensors(g, blob.bytes()).items():
             stacked.setdefault(k, []).append(v[0])
     w = {k: numpy_helper.from_array(np.stack(v), k) for k, v in stacked.items()}
@@ -58,7 +60,7 @@ def test_staged_experts_add_up_as_qmoe_does(tmp_path):
     graph = helper.make_graph([node], "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", H]),
                                               helper.make_tensor_value_info("r", TensorProto.FLOAT, ["S", E])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", H])], list(w.values()))
-    fused = ort.InferenceSession(helper.make_model(graph, opset_imports=OPSETS).SerializeToString(),
+    fused = ort.InferenceSession(helper.make_model(graph, opset_imports=OPSETS).SerializeToString(), pooled_options(),
                                  providers=["CPUExecutionProvider"])
     x = rng.standard_normal((S, H)).astype(np.float32)
     logits = rng.standard_normal((S, E)).astype(np.float32)
