@@ -71,7 +71,7 @@ def _qmoe_expert(t: Mapping[str, np.ndarray], hidden: int, scheme) -> tuple[Grap
     """The expert as a one-expert QMoE node (the kernel of the fused graph's QMoE, whose routing
     weight is then exactly 1), its weights as QMoE takes them in a new blob:
 
-        x [T, H] ─► Shape[0:1] ─► Concat(·, Constant [1]) ─► ConstantOfShape ─► zeros [T, 1] (router logits)
+        x [T, H] ─► Shape[0:1] ─► Concat(·, Constant [1]) ─► ConstantOfShape ─► router logits: zeros [T, 1]
         x, zeros, fc1 (gate|up rows interleaved g0, u0, g1, u1, ...), fc2 ─► QMoE(k=1) ─► y [T, H]
 
     `t`: the MatMulNBits expert graph's tensors, by name (_expert_graph)."""
@@ -161,7 +161,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     tied = None                                  # the quantized embedding, for a tied lm_head
     routers: list[int | None] = []
     fused_layers: list[dict[str, int]] = []
-    fused_shapes: dict[str, tuple] = {}
+    fused_shapes: dict[str, tuple] = {}          # QMoE tensor name -> (dtype, [E, ...])
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
         if i not in moe.sparse_layers:
@@ -243,7 +243,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             n_params += eem.num_parameters
         if fusable:
             fused_layers.append({k: fused_data.write(np.stack(v).tobytes()) for k, v in fused_parts.items()})
-            fused_shapes = {k: (moe.num_experts,) + v[0].shape for k, v in fused_parts.items()}
+            fused_shapes = {k: (v[0].dtype, (moe.num_experts,) + v[0].shape) for k, v in fused_parts.items()}
 
     # head
     g = Graph(data)
@@ -282,7 +282,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
 
 
 def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: list[dict[str, int]],
-                 shapes: dict[str, tuple], arch: DecoderArch, scheme) -> None:
+                 shapes: dict[str, tuple], arch: DecoderArch, scheme) -> None:   # shapes: name -> (dtype, shape)
     """All stages and the head merged into one graph, each layer's experts as one QMoE node
     (onnxruntime routes and runs them itself) whose weights are experts.fused.bin:
 
@@ -320,8 +320,7 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: lis
         w = {}
         for k, off in layers[i].items():
             w[k] = f"layers.{i}.qmoe.{k.removeprefix('expert.')}"
-            dtype = np.uint8 if k.endswith("qweight") else np.float32
-            out.initializers.append(external_tensor(w[k], dtype, shapes[k], "experts.fused.bin", off))
+            out.initializers.append(external_tensor(w[k], *shapes[k], "experts.fused.bin", off))
         fc1q, fc1s, fc2q, fc2s = (w[f"expert.{m}.{t}"] for m in ("gate_up", "down") for t in ("qweight", "scales"))
         r = out.op1("Reshape", [f"L{i}.router_logits", flat_e], name=f"L{i}/router_flat")           # [S, E]
         last = moe.normalize_topk and not moe.shared_expert               # QMoE's output is the layer's
