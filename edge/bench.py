@@ -67,7 +67,7 @@ def run_once(model: Model, ids: list[int], gen: int) -> tuple[float, float]:
 
 
 def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 128,
-          repeat: int = 3, memory_budget=None, expert_policy: str = "lfu", prefetch: bool = False) -> BenchResult:
+          repeat: int = 3, memory_budget=None, expert_policy: str = "lfu", prefetch: bool | None = None) -> BenchResult:
     t0 = time.perf_counter()
     model = load(path, threads=threads, context_length=prompt_tokens + gen_tokens, memory_budget=memory_budget,
                  expert_policy=expert_policy, prefetch=prefetch)

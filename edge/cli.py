@@ -184,8 +184,9 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
           repeat: int = typer.Option(3, help="Timed runs (median reported) after one warm-up."),
           memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY,
           device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
-          prefetch: bool = typer.Option(False, "--prefetch", help="MoE under a budget: read the next layer's "
-                                        "likely experts (and a layer's second miss) ahead, in the background."),
+          prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="MoE under a budget: read "
+                                                  "and build the experts the next layers will likely want in the "
+                                                  "background (default: when the cache holds under half of them)."),
           sweep: Optional[str] = typer.Option(None, "--sweep", help="MoE: comma-separated budgets to run in turn, "
                                               "e.g. 350MB,450MB,700MB (each in a fresh process)."),
           plot: str = typer.Option("sweep.png", "--plot", help="With --sweep: PNG of tok/s and hit rate vs budget."),
@@ -239,8 +240,8 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
                                        f"{e['read_ms_per_token']:.1f}, building sessions {e['build_ms_per_token']:.1f})")]
         if "prefetch_precision" in e:
             rows.append(("next-layer guesses", f"precision {e['prefetch_precision']:.1%}, recall {e['prefetch_recall']:.1%}"
-                         + (f"; read ahead: {e['prefetch_served']} misses served, {e['prefetch_wasted']} unused"
-                            if e["prefetch"] else " (read-ahead off)")))
+                         + (f"; built ahead: {e['prefetch_served']} misses served, {e['prefetch_wasted']} unused"
+                            if e["prefetch"] else " (build-ahead off)")))
     print_table(rows)
 
 

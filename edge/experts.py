@@ -158,21 +158,14 @@ class ExpertCache:
             return item
 
     def _load(self, key) -> _Expert:
-        """Build the expert's session from a blob the prefetcher read ahead, or read it now.
-        Prepacking copies every weight, so a buffer is free for the next read as soon as the
-        session exists (a test checks this)."""
+        """The expert's session: built ahead by the prefetcher, or read and built now."""
         pf = self.prefetcher
-        buf = pf.take(key) if pf is not None else None
-        if buf is None:
-            blob = self._read(key)
-        else:
-            blob = buf[:self.entries[key].size]
+        item = pf.take(key) if pf is not None else None
+        if item is not None:
+            return item
+        blob = self._read(key)
         t0 = time.perf_counter()
-        try:
-            item = self._build(blob)
-        finally:
-            if buf is not None:
-                pf.give_back(buf)
+        item = self._build(blob)
         self.stats.build_s += time.perf_counter() - t0
         return item
 

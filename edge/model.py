@@ -43,7 +43,7 @@ class GenerationStats:
 
 class Model:
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None,
-                 memory_budget=None, expert_policy: str = "lfu", prefetch: bool = False):
+                 memory_budget=None, expert_policy: str = "lfu", prefetch: bool | None = None):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -206,7 +206,7 @@ class Model:
 
 def load(path, *, threads: int | None = None, context_length: int | None = None,
          memory_budget=None, expert_capacity: int | None = None, expert_policy: str = "lfu",
-         prefetch: bool = False) -> Model:
+         prefetch: bool | None = None) -> Model:
     """Open a bundle made by `edge export`.
 
     threads: CPU threads for onnxruntime (default: the cores this process may use). onnxruntime's
@@ -219,9 +219,10 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
     expert_capacity: instead of a budget, how many experts stay resident at once (default: all,
         loaded as the router first picks them).
     expert_policy: "lfu" (per-layer, frequency-aware; default) or "lru" (the baseline).
-    prefetch: with a limited expert cache, read the next layer's likely experts (its router applied
-        to the current hidden state) and a layer's second miss ahead on a background thread (I/O
-        only: sessions are still built on a miss); the budget reserves the read buffers.
+    prefetch: with a limited expert cache, read and build experts ahead on a background thread: a
+        layer's misses and the experts the next layers' routers pick on the current hidden state,
+        while the decode runs on one thread; the budget reserves room for them. Default (None): on
+        when the cache holds less than half the experts and threads >= 2.
         The guesses' precision and recall are counted either way (model.decoder.guesser.stats).
     """
     bundle = open_bundle(path)

@@ -15,7 +15,7 @@ from .bundle import Bundle
 from .engine import (PREFILL_CHUNK, check_context_length, in_chunks, open_session, pooled_options, step_ids,
                      use_global_pool)
 from .experts import ExpertCache
-from .prefetch import Guesser, Prefetcher, PrefetchStats, load_routers
+from .prefetch import AHEAD, Guesser, Prefetcher, PrefetchStats, load_routers
 from .errors import BudgetError, ConfigError
 from .memory import release_file_pages, return_freed_memory, status, trim_heap
 
@@ -112,7 +112,7 @@ class MemoryPlan:
     headroom: int
     per_expert: int        # resident cost of one cached expert (measured)
     capacity: int          # experts the cache may hold
-    read_ahead: int = 0    # the prefetcher's read buffers
+    read_ahead: int = 0    # experts the prefetcher builds ahead, and its read buffer
 
     @property
     def minimum(self) -> int:
@@ -122,7 +122,7 @@ class MemoryPlan:
         mb = lambda b: f"{b / 2**20:.0f} MB"
         return (f"dense part {mb(self.base)} + KV cache {mb(self.kv_cache)} + headroom {mb(self.headroom)} "
                 f"+ {mb(self.per_expert)} per resident expert"
-                + (f" + read-ahead buffers {mb(self.read_ahead)}" if self.read_ahead else ""))
+                + (f" + experts built ahead {mb(self.read_ahead)}" if self.read_ahead else ""))
 
 
 def parse_bytes(v) -> int:
@@ -139,7 +139,7 @@ def parse_bytes(v) -> int:
 
 class MoEDecoder:
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None,
-                 memory_budget=None, policy: str = "lfu", prefetch: bool = False):
+                 memory_budget=None, policy: str = "lfu", prefetch: bool | None = None):
         m = bundle.manifest
         check_context_length(context_length, m.model.max_context)
         self.moe = m.moe
@@ -147,28 +147,48 @@ class MoEDecoder:
         self.prefill_chunk = PREFILL_CHUNK         # prompt tokens per pass: bounds activation memory
         self.vocab_size = m.model.vocab_size
         self.hidden = m.model.hidden_size
-        use_global_pool(threads)
+        n_all = len(self.moe.experts)
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
+        data = [f for f in m.files if f.path.endswith(".data")]
+        self._data_files = [bundle.path(f.path) for f in data]
+        self._data_bytes = sum(f.size for f in data)
+        # Build ahead (prefetch): a background thread reads and builds the experts this layer misses
+        # and the next AHEAD layers' routers guess, while this thread decodes on the others. SmolMoE
+        # int4, 2 cores: 1.6x the decode speed at a quarter of the experts, 1.1x at half, 0.85x at 80%
+        # (few misses: the decode's second thread is worth more), hence the default below half. The
+        # choice fixes onnxruntime's process-wide pool (threads - 1: a spinning pool thread would take
+        # the builder's core), so it is made on an estimate, before any session exists.
+        if threads < 2 or prefetch is False:
+            prefetch = False
+        else:
+            guess = expert_capacity if budget is None else self._rough_capacity(m.graph, budget, context_length)
+            prefetch = guess is not None and guess < (n_all / 2 if prefetch is None else n_all)
+        use_global_pool(threads - 1 if prefetch else threads)
         g = m.graph
         shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
         self.kv = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in g.past_keys]
         self.stages = [_Stage(st, str(bundle.path(st.file)), self.kv[i] if i < len(self.kv) else None)
                        for i, st in enumerate(self.moe.stages)]
-        data = [f for f in m.files if f.path.endswith(".data")]
-        self._data_files = [bundle.path(f.path) for f in data]
-        self._data_bytes = sum(f.size for f in data)
         for path in self._data_files:
             release_file_pages(path)
-        n_all = len(self.moe.experts)
         return_freed_memory()                  # evicted experts' memory goes back to the OS, not to a heap
         self.plan = None
-        # read-ahead buffers: this layer's misses and the next layer's guessed top-k
-        slots = 2 * self.moe.top_k if prefetch else 0
-        if memory_budget is not None:
-            self.plan = self._plan(bundle, parse_bytes(memory_budget), policy, slots)
+        slots = (1 + AHEAD) * self.moe.top_k if prefetch else 0
+        if budget is not None:
+            try:
+                self.plan = self._plan(bundle, budget, policy, slots=slots)    # the budget holds them too
+            except BudgetError:
+                if not slots:
+                    raise
+                slots = 0
+                self.plan = self._plan(bundle, budget, policy, slots=0)
             expert_capacity = self.plan.capacity
         elif expert_capacity is None:
             expert_capacity = n_all
-        self.experts = ExpertCache(bundle, capacity=min(expert_capacity, n_all), policy=policy)
+        expert_capacity = min(expert_capacity, n_all)
+        if expert_capacity >= n_all:
+            slots = 0
+        self.experts = ExpertCache(bundle, capacity=expert_capacity, policy=policy)
         self.guesser = None
         if self.experts.capacity < n_all:
             stats = None
@@ -178,7 +198,8 @@ class MoEDecoder:
                 self.guesser = Guesser(routers, self.moe.top_k)
                 stats = self.guesser.stats
             if slots:
-                self.experts.prefetcher = Prefetcher(self.experts, slots=slots, stats=stats or PrefetchStats())
+                self.experts.prefetcher = Prefetcher(self.experts, reads=slots, builds=slots,
+                                                     stats=stats or PrefetchStats())
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self.position = 0
@@ -200,7 +221,15 @@ class MoEDecoder:
         self._vstep = {"seqlens_k": ov(self._seqlens), "total_sequence_length": ov(self._total)}
         self._vids, self._vpos = ov(self._ids1), ov(self._pos1)
 
-    def _plan(self, bundle: Bundle, budget: int, policy: str, slots: int) -> MemoryPlan:
+    def _rough_capacity(self, g, budget: int, context_length: int) -> int:
+        """Experts the budget will about hold, before anything is loaded (the plan measures it later):
+        the dense weights count twice (sessions, and file pages a prompt reads), an expert ~1.7x its blob."""
+        blob = max(x.size for x in self.moe.experts)
+        kv = 2 * len(g.past_keys) * g.kv_num_heads * context_length * g.kv_head_dim * 4
+        free = budget - status().get("VmRSS", 0) - 2 * self._data_bytes - kv - HEADROOM
+        return int(free // (1.7 * blob))
+
+    def _plan(self, bundle: Bundle, budget: int, policy: str, *, slots: int) -> MemoryPlan:
         """Size the expert cache so that the whole process stays under `budget` bytes."""
         base = status().get("VmRSS", 0)
         base_anon = status().get("RssAnon", 0)
@@ -223,8 +252,8 @@ class MoEDecoder:
         # path; SmolMoE: all 66 MB of stages.onnx.data): count them in the dense part. They are
         # dropped again when a generation ends (reset).
         base += self._data_bytes
-        # room for experts that run once, and for the prefetcher's read-ahead buffers
-        read_ahead = slots * blob
+        # room for experts that run once, and for those the prefetcher builds ahead (and its read buffer)
+        read_ahead = slots * (per_expert + blob)
         free = budget - base - kv - HEADROOM - 2 * per_expert - read_ahead
         plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), read_ahead)
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
@@ -254,7 +283,8 @@ class MoEDecoder:
         """Σ_k w_k · expert_k(x) per token; x [T, H], logits [T, E] -> [T, H]."""
         ids, w = route(logits, self.moe.top_k, self.moe.normalize_topk)
         if self.experts.prefetcher is not None:
-            self.experts.prefetcher.want(layer, np.unique(ids))          # read misses while others build
+            self.experts.prefetcher.at(layer)
+            self.experts.prefetcher.want(layer, np.unique(ids))          # build misses while we build others
         out = np.zeros_like(x)
         io, oo = self.moe.expert_input, self.moe.expert_output
         if x.shape[0] == 1:                                   # decode: no gathering needed
@@ -262,7 +292,7 @@ class MoEDecoder:
                 if wk:
                     out += wk * self.experts.get(layer, int(e)).run([oo], {io: x})[0]
             return out
-        for e in np.unique(ids[w > 0]):
+        for e in np.unique(ids[w > 0])[::-1]:             # the prefetcher builds from the other end
             tok, slot = np.nonzero((ids == e) & (w > 0))
             y = self.experts.get(layer, int(e)).run([oo], {io: x[tok]})[0]
             np.add.at(out, tok, w[tok, slot][:, None] * y)
@@ -298,13 +328,18 @@ class MoEDecoder:
             top, w = route(logits, K, norm)
             top, w = top[0], w[0]
             if pf is not None:
-                pf.want(layer, top)                           # a second miss is read while the first builds
+                pf.at(layer)
+                pf.want(layer, top)                           # one miss is built there while we build the other
             if guesser is not None:
                 guesser.check(layer, top)
                 guess = guesser.guess(layer, b["x"][0])
                 if pf is not None and guess is not None:
-                    pf.want(layer + 1, guess)                 # read in the background while these run
-            for k in range(K):
+                    pf.want(layer + 1, guess)                 # built in the background while these run
+                    for ahead in range(2, AHEAD + 1):
+                        g = guesser.further(layer, b["x"][0], ahead)
+                        if g is not None:
+                            pf.want(layer + ahead, g)
+            for k in reversed(range(K)):      # the prefetcher builds a first miss while we build the last
                 if w[k]:
                     self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)
             np.multiply(self._y[0][0], w[0], out=hidden)

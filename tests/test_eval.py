@@ -63,9 +63,11 @@ def test_moe_eval_under_a_small_cache_equals_all_resident(tiny_bundle):
     b = tiny_bundle("mixtral", "int4")
     ids = list(np.random.default_rng(1).integers(3, 200, 300))
     full = edge.load(b, threads=1, context_length=128)
-    small = edge.load(b, threads=1, context_length=128, expert_capacity=2)
     assert type(full.decoder).__name__ == "Decoder"                        # the fused graph
     a, n, _, _ = evaluate(full, ids, context=128, stride=128)
-    c, m, _, _ = evaluate(small, ids, context=128, stride=128)
-    assert n == m and small.decoder.experts.stats.evictions > 0
-    assert c == a
+    for prefetch in (False, True):                                         # experts built ahead or on demand
+        small = edge.load(b, threads=2, context_length=128, expert_capacity=2, prefetch=prefetch)
+        assert (small.decoder.experts.prefetcher is not None) == prefetch
+        c, m, _, _ = evaluate(small, ids, context=128, stride=128)
+        assert n == m and small.decoder.experts.stats.evictions > 0
+        assert c == a

@@ -91,25 +91,34 @@ def test_small_expert_cache_gives_identical_tokens(tiny_bundle, arch, quant):
 
 
 def test_prefetch_guesses_are_scored_and_change_nothing(tiny_bundle):
-    """The next layer's router on the current hidden state guesses its experts; with prefetch on,
-    misses and guesses are read ahead in the background, and greedy output stays that of the
-    all-resident run."""
+    """The next layers' routers on the current hidden state guess their experts; with prefetch on,
+    misses and guesses are read and built in the background, greedy output stays that of the
+    all-resident run, and no read buffer is lost. Off by default on one thread or when the cache
+    holds at least half the experts; on below half."""
+    from edge.prefetch import AHEAD
     b = tiny_bundle("mixtral", "int4")
     want = edge.load(b, threads=1, context_length=64, expert_capacity=8).generate_ids([5, 17, 99, 3], max_new_tokens=16)
+    n_all = len(edge.load(b, threads=1, context_length=64, expert_capacity=8).manifest.moe.experts)
+    assert edge.load(b, threads=1, context_length=64, expert_capacity=3).decoder.experts.prefetcher is None
+    assert edge.load(b, threads=2, context_length=64, expert_capacity=n_all // 2).decoder.experts.prefetcher is None
+    assert edge.load(b, threads=2, context_length=64, expert_capacity=3).decoder.experts.prefetcher is not None
     for prefetch in (False, True):
-        m = edge.load(b, threads=1, context_length=64, expert_capacity=3, prefetch=prefetch)
+        m = edge.load(b, threads=2, context_length=64, expert_capacity=3, prefetch=prefetch)
         assert m.manifest.moe.routers and m.decoder.guesser is not None
         assert m.generate_ids([5, 17, 99, 3], max_new_tokens=16) == want
         g = m.decoder.guesser.stats
         assert g.guessed > 0 and 0 < g.precision <= 1 and g.recall == g.precision       # top-k guesses of top-k
-        assert (m.decoder.experts.prefetcher is not None) == prefetch
+        pf = m.decoder.experts.prefetcher
+        assert (pf is not None) == prefetch
         if prefetch:
-            assert g.loaded > 0 and g.served > 0 and g.served + g.wasted <= g.loaded
-            pf = m.decoder.experts.prefetcher
-            assert len(pf.free) + len(pf.staged) + len(pf.busy) == 2 * m.manifest.moe.top_k   # no buffer lost
-            thread = m.decoder.experts.prefetcher.thread
+            assert g.loaded > 0 and g.served > 0 and g.served <= g.loaded
+            with pf.cond:
+                slots = (1 + AHEAD) * m.manifest.moe.top_k
+                assert len(pf.free) + len(pf.read) + (pf.reading is not None) == slots   # no buffer lost
+                assert len(pf.ready) + len(pf.building) <= slots
+            threads = pf.threads
             m.decoder.experts.close()
-            assert not thread.is_alive()
+            assert not any(t.is_alive() for t in threads)
 
 
 @pytest.mark.parametrize("arch,quant", [("mixtral", "int4"), ("mixtral", "int8"), ("qwen3_moe", "int4"), ("olmoe", "int4"),
