@@ -9,7 +9,7 @@ and for edge the expert hit rate, bytes read per token and greedy agreement with
 unlimited run. Needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory.
 
     python tests/bench/moe_budget.py --edge BUNDLE [--llama Q4_0.gguf --peer-python PY]
-        [--fractions 1.0 0.5 0.25] [--policy lfu]
+        [--fractions 1.0 0.5 0.25] [--policy lfu] [--prefetch auto|on|off]
 """
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ CG = "/sys/fs/cgroup/memory"
 HERE = os.path.abspath(__file__)
 
 
-def worker_edge(path, ids, gen, budget, policy):
+def worker_edge(path, ids, gen, budget, policy, prefetch):
     import numpy as np
     import edge
     from edge.bench import run_once
     from edge.memory import status
-    m = edge.load(path, threads=2, context_length=len(ids) + gen, memory_budget=budget, expert_policy=policy)
+    m = edge.load(path, threads=2, context_length=len(ids) + gen, memory_budget=budget, expert_policy=policy,
+                  prefetch={"auto": None, "on": True, "off": False}[prefetch])
     run_once(m, ids, 8)
     from edge.experts import CacheStats
     c = getattr(m.decoder, "experts", None)       # None: the budget holds every expert, in the fused graph
@@ -46,7 +47,7 @@ def worker_edge(path, ids, gen, budget, policy):
     hits, misses = st.hits - h0 or 1, st.misses - m0
     return dict(fused=c is None, prompt_tok_s=len(ids) / ttft, decode_tok_s=(gen - 1) / dec, peak_rss_mb=status()["VmHWM"] / 2**20,
                 hit_rate=hits / max(1, hits + misses), mb_read_per_token=(st.bytes_read - b0) / 2**20 / gen,
-                capacity=c.capacity if c else len(m.manifest.moe.experts),
+                capacity=c.capacity if c else len(m.manifest.moe.experts), prefetch=bool(c and c.prefetcher),
                 stall_s_per_token=(st.read_s + st.build_s) / max(1, st.misses) * (misses / gen), tokens=tokens)
 
 
@@ -104,13 +105,15 @@ def main():
     ap.add_argument("--peer-python", default=sys.executable)
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--policy", default="lfu")
+    ap.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                    help="build experts ahead (auto: when the cache holds under half of them)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.worker:
         kind, path, ids = a.worker[0], a.worker[1], [int(x) for x in a.worker[2].split(",")]
-        r = worker_edge(path, ids, a.gen, a.worker[3], a.policy) if kind == "edge" else worker_llama(path, ids, a.gen)
+        r = worker_edge(path, ids, a.gen, a.worker[3], a.policy, a.prefetch) if kind == "edge" else worker_llama(path, ids, a.gen)
         print(json.dumps(r))
         return
     import edge
@@ -130,10 +133,11 @@ def main():
     rows = []
     ref = None
     for frac in sorted(a.fractions, reverse=True):
-        budget = int(minimum + frac * n_experts * per_expert)
+        budget = int(minimum + (frac * n_experts + 2) * per_expert)    # + 2 experts: workers measure a little more
         ids_s = ",".join(map(str, ids))
         res, facts = in_cgroup("edge_bench", budget, [sys.executable, HERE, "--worker", "edge", a.edge, ids_s,
-                                                      str(budget), "--gen", str(a.gen), "--policy", a.policy], 900)
+                                                      str(budget), "--gen", str(a.gen), "--policy", a.policy,
+                                                      "--prefetch", a.prefetch], 900)
         row = dict(engine="edge", fraction=frac, budget_mb=budget / 2**20, **facts, **(res or {}))
         if res and ref is None:
             ref = res["tokens"]
