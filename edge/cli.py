@@ -237,7 +237,9 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
         rows += [("expert cache", f"{e['capacity']} of {e['total']} experts resident, policy {e['policy']}"),
                  ("expert hit rate", f"{e['hit_rate']:.1%}"), ("read per token", f"{e['mb_read_per_token']:.1f} MB"),
                  ("stalled on misses", f"{e['stall_ms_per_token']:.1f} ms per token (reading "
-                                       f"{e['read_ms_per_token']:.1f}, building sessions {e['build_ms_per_token']:.1f})")]
+                                       f"{e['read_ms_per_token']:.1f}, building sessions {e['build_ms_per_token']:.1f}"
+                                       + (f", waiting for build-ahead {e['wait_ms_per_token']:.1f})"
+                                          if e["wait_ms_per_token"] else ")"))]
         if "prefetch_precision" in e:
             rows.append(("next-layer guesses", f"precision {e['prefetch_precision']:.1%}, recall {e['prefetch_recall']:.1%}"
                          + (f"; built ahead: {e['prefetch_served']} misses served, {e['prefetch_wasted']} unused"
