@@ -154,8 +154,8 @@ class MoEDecoder:
         self._data_bytes = sum(f.size for f in data)
         # Build ahead (prefetch): a background thread reads and builds the experts this layer misses
         # and the next AHEAD layers' routers guess, while this thread decodes on the others. SmolMoE
-        # int4, 2 cores: 1.6x the decode speed at a quarter of the experts, 1.1x at half, 0.85x at 80%
-        # (few misses: the decode's second thread is worth more), hence the default below half. The
+        # int4, 2 cores: 1.4-1.6x the decode speed at a quarter of the experts, about level at half,
+        # 0.85x at 80% (few misses: the decode's second thread is worth more), hence the default below half. The
         # choice fixes onnxruntime's process-wide pool (threads - 1: a spinning pool thread would take
         # the builder's core), so it is made on an estimate, before any session exists.
         if threads < 2 or prefetch is False:
@@ -175,13 +175,14 @@ class MoEDecoder:
         self.plan = None
         slots = (1 + AHEAD) * self.moe.top_k if prefetch else 0
         if budget is not None:
+            measured = self._measure(bundle)
             try:
-                self.plan = self._plan(bundle, budget, policy, slots=slots)    # the budget holds them too
+                self.plan = self._plan(budget, policy, measured, slots=slots)    # the budget holds them too
             except BudgetError:
                 if not slots:
                     raise
                 slots = 0
-                self.plan = self._plan(bundle, budget, policy, slots=0)
+                self.plan = self._plan(budget, policy, measured, slots=0)
             expert_capacity = self.plan.capacity
         elif expert_capacity is None:
             expert_capacity = n_all
@@ -229,8 +230,8 @@ class MoEDecoder:
         free = budget - status().get("VmRSS", 0) - 2 * self._data_bytes - kv - HEADROOM
         return int(free // (1.7 * blob))
 
-    def _plan(self, bundle: Bundle, budget: int, policy: str, *, slots: int) -> MemoryPlan:
-        """Size the expert cache so that the whole process stays under `budget` bytes."""
+    def _measure(self, bundle: Bundle) -> tuple[int, int, int, int]:
+        """(dense part, KV cache, resident cost of one cached expert, largest blob) in bytes."""
         base = status().get("VmRSS", 0)
         base_anon = status().get("RssAnon", 0)
         kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
@@ -251,7 +252,11 @@ class MoEDecoder:
         # prompts (batches > 1) read the dense weights' file pages again (onnxruntime's batched int4
         # path; SmolMoE: all 66 MB of stages.onnx.data): count them in the dense part. They are
         # dropped again when a generation ends (reset).
-        base += self._data_bytes
+        return base + self._data_bytes, kv, per_expert, blob
+
+    def _plan(self, budget: int, policy: str, measured: tuple[int, int, int, int], *, slots: int) -> MemoryPlan:
+        """Size the expert cache so that the whole process stays under `budget` bytes."""
+        base, kv, per_expert, blob = measured
         # room for experts that run once, and for those the prefetcher builds ahead (and its read buffer)
         read_ahead = slots * (per_expert + blob)
         free = budget - base - kv - HEADROOM - 2 * per_expert - read_ahead

@@ -71,10 +71,9 @@ class Guesser:
 
     def guess(self, layer: int, x: np.ndarray) -> np.ndarray | None:
         """Experts layer+1 will likely use, from x [H] (layer's MLP input); None after the last layer."""
-        if layer + 1 >= len(self.routers):
+        top = self.further(layer, x, 1)
+        if top is None:
             return None
-        logits = x @ self.routers[layer + 1]                                  # [E]
-        top = np.argpartition(-logits, self.top_k - 1)[:self.top_k]
         self._pending = (layer + 1, set(int(e) for e in top))
         self.stats.guessed += self.top_k
         return top
@@ -166,10 +165,7 @@ class Prefetcher:
                     if key != self.reading and key not in self.building or not self.alive():
                         return None
                     if self.read and self._room():             # build another blob while this one comes
-                        other, buf = self.read.popitem(last=False)
-                        item = self._build_here(other, buf)
-                        if item is not None:
-                            self.ready[other] = item
+                        self._build_oldest()
                     else:
                         self.cond.wait(0.05)
             finally:
@@ -181,16 +177,21 @@ class Prefetcher:
     def _room(self) -> bool:
         return len(self.ready) + len(self.building) < self.builds
 
+    def _build_oldest(self) -> None:
+        """Build the blob read first into `ready` (lock held on entry and exit)."""
+        key, buf = self.read.popitem(last=False)
+        item = self._build_here(key, buf)
+        if item is not None:
+            self.ready[key] = item
+
     def _build_here(self, key, buf: np.ndarray):
         """Build `key` from its read buffer with the lock released; the buffer goes back to the reader.
         None if the build failed (the foreground's own read and build will report why)."""
         self.building.add(key)
         self.cond.release()
-        item = None
+        item, t0 = None, time.perf_counter()
         try:
-            t0 = time.perf_counter()
             item = self.cache._build(buf[:self.cache.entries[key].size])
-            self.stats.background_s += time.perf_counter() - t0
         except Exception:  # noqa: BLE001
             pass
         finally:
@@ -198,6 +199,7 @@ class Prefetcher:
             self.building.discard(key)
             self.free.append(buf)
             self.stats.loaded += item is not None
+            self.stats.background_s += time.perf_counter() - t0
             self.cond.notify_all()
         return item
 
@@ -210,20 +212,18 @@ class Prefetcher:
                     return
                 key, buf = self.queued.popleft(), self.free.pop()
                 self.reading = key
-            ok = False
+            ok, t0, e = False, time.perf_counter(), self.cache.entries[key]
             try:
-                t0 = time.perf_counter()
-                e = self.cache.entries[key]
                 self.reader.read(e.offset, e.size, what=f"expert {key[0]}.{key[1]}", into=buf)
-                self.stats.bytes_read += e.size
-                self.stats.background_s += time.perf_counter() - t0
                 ok = True
             except Exception:  # noqa: BLE001 - a failed read is the foreground's miss to report
                 pass
-            with self.cond:
+            with self.cond:                       # stats under the lock: the builder adds to them too
                 self.reading = None
+                self.stats.background_s += time.perf_counter() - t0
                 if ok:
                     self.read[key] = buf
+                    self.stats.bytes_read += e.size
                 else:
                     self.free.append(buf)
                 self.cond.notify_all()
@@ -235,10 +235,7 @@ class Prefetcher:
                     self.cond.wait()
                 if self.closed:
                     return
-                key, buf = self.read.popitem(last=False)
-                item = self._build_here(key, buf)
-                if item is not None:
-                    self.ready[key] = item
+                self._build_oldest()
 
     def close(self) -> None:
         atexit.unregister(self.close)
