@@ -75,7 +75,8 @@ class StageSpec:
 
     input roles: input_ids, hidden, residual, seqlens_k, total_sequence_length, logits_positions,
                  past_key, past_value
-    output roles: moe_in (the MLP's input), residual, router_logits, present_key, present_value, logits
+    output roles: moe_in (the MLP's input), residual, router_logits, present_key, present_value, logits;
+                  a dense layer's stage has no moe_in / router_logits: it outputs hidden (its MLP's output)
     """
     file: str
     inputs: dict[str, str]
@@ -95,7 +96,8 @@ class ExpertTensor:
 
 @dataclass(frozen=True)
 class ExpertEntry:
-    layer: int
+    layer: int                   # the MoE layer: n for the n-th stage with router_logits (= decoder layer
+                                 # when every layer is sparse)
     expert: int
     offset: int                  # in the expert file, 4 KiB aligned: one expert is one read
     size: int
@@ -107,7 +109,7 @@ class MoESpec:
     """Layers run as stages; between a layer's stage and the next, the runtime routes each token
     (softmax over router_logits, top_k, optional renormalisation) and runs the chosen experts,
     each an instance of `expert_graph` with its weights read from `expert_file`."""
-    stages: tuple[StageSpec, ...]          # one per layer, then the head
+    stages: tuple[StageSpec, ...]          # one per decoder layer (MoE or dense), then the head
     expert_graph: str
     expert_input: str
     expert_output: str
@@ -120,7 +122,7 @@ class MoESpec:
     routing: str = "softmax_topk"
     fused: GraphSpec | None = None         # everything in one graph (QMoE nodes): the all-resident path
     router_file: str = ""                  # where each layer's router weight lies, fp32 [H, E] (prefetch guesses)
-    routers: tuple[int, ...] = ()          # byte offsets in router_file, one per layer
+    routers: tuple[int, ...] = ()          # byte offsets in router_file, one per MoE layer
 
 
 @dataclass(frozen=True)

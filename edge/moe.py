@@ -206,11 +206,15 @@ class MoEDecoder:
         self.position = 0
         self._decode_bound = False
         self._shared = [("moe_shared" in st.outputs) for st in self.moe.stages[:-1]]
+        # stage -> its MoE layer (the experts' numbering), None for a dense layer's stage (its MLP is inside)
+        sparse = ["router_logits" in st.outputs for st in self.moe.stages[:-1]]
+        self._moe_layer = [sum(sparse[:i]) if s else None for i, s in enumerate(sparse)]
         # one-token buffers: stage i writes moe_in into x; experts write y0..y(k-1); the weighted sum
         # goes to hidden, which stage i+1 reads together with the residual stream
         H, E, K = self.hidden, self.moe.num_experts, self.moe.top_k
         self._b = {n: np.zeros(shape, np.float32) for n, shape in
-                   (("x", (1, H)), ("hidden", (1, 1, H)), ("residual", (1, 1, H)), ("residual2", (1, 1, H)),
+                   (("x", (1, H)), ("hidden", (1, 1, H)), ("hidden2", (1, 1, H)), ("residual", (1, 1, H)),
+                    ("residual2", (1, 1, H)),
                     ("logits", (1, 1, E)), ("out", (1, 1, self.vocab_size)), ("shared", (1, 1, H)))}
         self._y = [np.zeros((1, H), np.float32) for _ in range(K)]
         self._ids1 = np.zeros((1, 1), np.int64)
@@ -304,19 +308,26 @@ class MoEDecoder:
         return out
 
     def _bind_decode(self) -> None:
-        """Bind every stage to the one-token buffers (residual ping-pongs between two arrays so a
-        stage never reads and writes the same one)."""
+        """Bind every stage to the one-token buffers (residual, and the hidden state a dense layer's
+        stage writes, ping-pong between two arrays so a stage never reads and writes the same one).
+        An MoE layer's experts add up into `hidden`."""
         v = self._v
         res = [v["residual"], v["residual2"]]
+        src = "hidden"                                  # where the hidden state the next stage reads is
         for i, st in enumerate(self.stages[:-1]):
             feeds = dict(self._vstep, input_ids=self._vids) if i == 0 else \
-                dict(self._vstep, hidden=v["hidden"], residual=res[(i - 1) % 2])
-            outs = {"moe_in": v["x3"], "residual": res[i % 2], "router_logits": v["logits"]}
+                dict(self._vstep, hidden=v[src], residual=res[(i - 1) % 2])
+            if self._moe_layer[i] is None:
+                src = "hidden2" if src == "hidden" else "hidden"
+                outs = {"hidden": v[src], "residual": res[i % 2]}
+            else:
+                src = "hidden"
+                outs = {"moe_in": v["x3"], "residual": res[i % 2], "router_logits": v["logits"]}
             if "moe_shared" in st.spec.outputs:
                 outs["moe_shared"] = v["shared"]
             st.bind(feeds, outs)
         last = len(self.stages) - 2
-        self.stages[-1].bind({"hidden": v["hidden"], "residual": res[last % 2], "logits_positions": self._vpos},
+        self.stages[-1].bind({"hidden": v[src], "residual": res[last % 2], "logits_positions": self._vpos},
                              {"logits": v["out"]})
         self._decode_bound = True
 
@@ -328,8 +339,11 @@ class MoEDecoder:
         b, K, norm = self._b, self.moe.top_k, self.moe.normalize_topk
         hidden, logits = b["hidden"][0, 0], b["logits"][0]                   # logits [1, E]
         guesser, pf = self.guesser, self.experts.prefetcher
-        for layer, st in enumerate(self.stages[:-1]):
+        for i, st in enumerate(self.stages[:-1]):
             st.session.run_with_iobinding(st.io)
+            layer = self._moe_layer[i]
+            if layer is None:                                 # a dense layer: done inside its stage
+                continue
             top, w = route(logits, K, norm)
             top, w = top[0], w[0]
             if pf is not None:
@@ -351,7 +365,7 @@ class MoEDecoder:
             for k in range(1, K):
                 if w[k]:
                     hidden += w[k] * self._y[k][0]
-            if self._shared[layer]:
+            if self._shared[i]:
                 hidden += b["shared"][0, 0]
         st = self.stages[-1]
         st.session.run_with_iobinding(st.io)
@@ -374,14 +388,18 @@ class MoEDecoder:
         H, E = self.hidden, self.moe.num_experts
         for layer, st in enumerate(self.stages[:-1]):
             feeds = dict(step, input_ids=ids) if layer == 0 else dict(step, hidden=hidden, residual=residual)
-            moe_in = np.empty((1, s, H), np.float32)
             residual = np.empty((1, s, H), np.float32)
+            if self._moe_layer[layer] is None:               # a dense layer: its stage writes the hidden state
+                hidden = np.empty((1, s, H), np.float32)
+                st.run(feeds, {"hidden": hidden, "residual": residual})
+                continue
+            moe_in = np.empty((1, s, H), np.float32)
             logits = np.empty((1, s, E), np.float32)
             outs = {"moe_in": moe_in, "residual": residual, "router_logits": logits}
             if "moe_shared" in st.spec.outputs:
                 outs["moe_shared"] = shared = np.empty((1, s, H), np.float32)
             st.run(feeds, outs)
-            hidden = self._mix(layer, moe_in[0], logits[0])[None]                 # [1, S, H]
+            hidden = self._mix(self._moe_layer[layer], moe_in[0], logits[0])[None]        # [1, S, H]
             if "moe_shared" in outs:
                 hidden += shared
         positions = np.arange(s, dtype=np.int64) if all_logits else np.array([s - 1], np.int64)

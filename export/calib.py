@@ -176,6 +176,8 @@ def _run_moe(bundle: Bundle, ids: list[int], acc: _Acc, ctx: int) -> None:
     eouts = [moe.expert_output] + list(expert_taps)
     expert_roles = {k: [t[len(EXPERT_PREFIX):] for t in v] for k, v in expert_taps.items()}  # "expert.down" -> "down"
     head = len(stages) - 1
+    sparse = ["router_logits" in st.outputs for st, _, _ in stages[:-1]]
+    moe_layer = [sum(sparse[:i]) for i in range(len(sparse))]          # the experts' numbering
     for w in _windows(ids, ctx):
         s = w.shape[1]
         hidden = residual = None
@@ -184,22 +186,26 @@ def _run_moe(bundle: Bundle, ids: list[int], acc: _Acc, ctx: int) -> None:
             feeds.update(input_ids=w) if layer == 0 else feeds.update(hidden=hidden, residual=residual)
             if layer == head:
                 feeds["logits_positions"] = np.array([s - 1], np.int64)
-            roles = [r for r in ("moe_in", "residual", "router_logits", "moe_shared", "logits") if r in st.outputs]
+            roles = [r for r in ("moe_in", "hidden", "residual", "router_logits", "moe_shared", "logits")
+                     if r in st.outputs]
             outs = [st.outputs[r] for r in roles] + list(taps)
             res = dict(zip(outs, sess.run(outs, {st.inputs[r]: v for r, v in feeds.items() if r in st.inputs})))
             _add(acc, taps, res)
             if layer == head:
                 break
+            residual = res[st.outputs["residual"]]
+            if not sparse[layer]:                                               # a dense layer's stage
+                hidden = res[st.outputs["hidden"]]
+                continue
             x, logits = res[st.outputs["moe_in"]][0], res[st.outputs["router_logits"]][0]    # [S, H], [S, E]
             top, wt = route(logits, moe.top_k, moe.normalize_topk)
             out = np.zeros_like(x)
             for e in np.unique(top):
                 tok, slot = np.nonzero(top == e)
-                y, *tapped = experts.get(layer, int(e)).run(eouts, {moe.expert_input: x[tok]})
+                y, *tapped = experts.get(moe_layer[layer], int(e)).run(eouts, {moe.expert_input: x[tok]})
                 _add(acc, expert_roles, dict(zip(eouts[1:], tapped)), f"layers.{layer}.experts.{int(e)}.")
                 np.add.at(out, tok, wt[tok, slot][:, None] * y)
             hidden = out[None]                                                  # [1, S, H]
             if "moe_shared" in st.outputs:
                 hidden = hidden + res[st.outputs["moe_shared"]]
-            residual = res[st.outputs["residual"]]
     experts.close()

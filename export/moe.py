@@ -5,11 +5,14 @@ one expert graph, and the expert store.
     hidden, residual ─► SkipRMSNorm ─► attention (KV in place)     route: softmax(router_logits)
         ─► SkipRMSNorm ─► moe_in ─┬──────────────────────────────►  top-k (renormalised if asked)
                                   └► MatMul(router) ─► router_logits  hidden' = Σ w_k · expert_k(moe_in)
+    a dense layer's stage (Qwen-MoE's mlp_only_layers, decoder_sparse_step): its MLP inside,
+        hidden, residual ─► ... ─► SkipRMSNorm ─► SwiGLU MLP ─► hidden_out (nothing for the runtime to do)
     head (head.onnx): SkipRMSNorm(hidden + residual) ─► Gather(logits_positions) ─► lm_head ─► logits
     expert (expert.onnx): x ─► Linear gate|up ─► Split ─► SiLU·up ─► Linear down ─► y
         or, where QMoE can run the experts, x ─► one-expert QMoE ─► y: the fused graph's own
         kernel, so the staged pipeline computes what the fused graph computes, bit for bit
 
+Experts are numbered by MoE layer (the n-th stage with a router), not by decoder layer.
 Every expert's weights are one contiguous, 4 KiB aligned blob in experts.bin, laid out exactly as
 the expert graph's initializers (whose external data points at expert (0, 0)); the runtime builds
 an expert's session by handing it its blob's tensors (SessionOptions.add_initializer).
@@ -24,7 +27,6 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import numpy as np
 from onnx import TensorProto
 
-from edge.errors import UnsupportedError
 from edge.manifest import ExpertEntry, ExpertTensor, GraphSpec, MoESpec, StageSpec, TensorEntry
 
 from .arch.common import DecoderArch
@@ -160,13 +162,10 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     stage_graphs: list[Graph] = []
     tied = None                                  # the quantized embedding, for a tied lm_head
     routers: list[int | None] = []
-    fused_layers: list[dict[str, int]] = []
+    fused_layers: dict[int, dict[str, int]] = {}   # sparse layer -> QMoE tensor name -> offset
     fused_shapes: dict[str, tuple] = {}          # QMoE tensor name -> (dtype, [E, ...])
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
-        if i not in moe.sparse_layers:
-            raise UnsupportedError(f"layer {i} of this {s.architecture} model has a dense MLP; "
-                                   "mixing dense and sparse layers is not supported yet")
         g = Graph(data)
         em = _Emitter(g, calibration=calibration)
         step = StepInputs(g.input("seqlens_k", TensorProto.INT32, [1]),
@@ -185,6 +184,24 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_kv)
         kvs.append(kv)
         ins.update(past_key=kv[0], past_value=kv[1])
+        if i not in moe.sparse_layers:           # a dense layer: its MLP in the stage, no experts
+            n = arch.layer_names(i)
+            bias = tuple(get(n[r + "_bias"]) if r + "_bias" in n else None for r in ("gate", "up", "down"))
+            swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.",
+                       (policy.mlp, policy.mlp_down), bias, out="hidden_out")
+            g.nodes.append(_identity(res, "residual_out"))
+            for name in ("hidden_out", "residual_out"):
+                g.output(name, TensorProto.FLOAT, [1, "S", s.hidden_size])
+            g.save(root / f"layers.{i}.onnx", name=f"layer_{i}")
+            files.append(f"layers.{i}.onnx")
+            stages.append(StageSpec(file=f"layers.{i}.onnx", inputs=ins,
+                                    outputs={"hidden": "hidden_out", "residual": "residual_out",
+                                             "present_key": kv[2], "present_value": kv[3]}))
+            entries += em.entries
+            n_params += em.num_parameters
+            stage_graphs.append(g)
+            continue
+        ordinal = len(routers)                   # experts are numbered by MoE layer: this is the n-th
         for name, src in (("moe_in", x), ("residual_out", res)):
             g.nodes.append(_identity(src, name))
             g.output(name, TensorProto.FLOAT, [1, "S", s.hidden_size])
@@ -234,7 +251,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             elif these != layout:
                 raise AssertionError(f"expert {i}.{e} has a different tensor layout")
             store.write(b"\0" * (-store.tell() % ALIGN))
-            experts.append(ExpertEntry(layer=i, expert=e, offset=store.tell(), size=len(stored),
+            experts.append(ExpertEntry(layer=ordinal, expert=e, offset=store.tell(), size=len(stored),
                                        sha256=hashlib.sha256(stored).hexdigest()))
             store.write(stored)
             entries += [dataclasses.replace(t, name=t.name.replace("expert.", f"layers.{i}.experts.{e}.", 1),
@@ -242,7 +259,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                         for t in eem.entries]
             n_params += eem.num_parameters
         if fusable:
-            fused_layers.append({k: fused_data.write(np.stack(v).tobytes()) for k, v in fused_parts.items()})
+            fused_layers[i] = {k: fused_data.write(np.stack(v).tobytes()) for k, v in fused_parts.items()}
             fused_shapes = {k: (v[0].dtype, (moe.num_experts,) + v[0].shape) for k, v in fused_parts.items()}
 
     # head
@@ -281,12 +298,13 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     return spec, moe_spec, entries, n_params, files
 
 
-def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: list[dict[str, int]],
+def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: dict[int, dict[str, int]],
                  shapes: dict[str, tuple], arch: DecoderArch, scheme) -> None:   # shapes: name -> (dtype, shape)
     """All stages and the head merged into one graph, each layer's experts as one QMoE node
     (onnxruntime routes and runs them itself) whose weights are experts.fused.bin:
 
         stage i's nodes ─► moe_in [1,S,H] ─► QMoE(Reshape(router_logits) [S,E], fc1, fc2) ─► [1,S,H] ─► stage i+1
+        (a dense layer's stage: its nodes ─► hidden_out ─► stage i+1)
 
     (QMoE takes the 3D hidden state as is; only the router logits need the 2D shape.)
     """
@@ -313,10 +331,12 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: lis
     flat_e = out.weight("moe.router_shape", np.array([-1, moe.num_experts], np.int64))
     for i, g in enumerate(stage_graphs):
         ren = {"moe_in": f"L{i}.moe_in", "residual_out": f"L{i}.residual", "router_logits": f"L{i}.router_logits",
-               "moe_shared": f"L{i}.moe_shared"}
+               "moe_shared": f"L{i}.moe_shared", "hidden_out": f"L{i}.moe_out"}
         if i:
             ren.update(hidden=f"L{i - 1}.moe_out", residual=f"L{i - 1}.residual")
         take(g, f"L{i}", ren)
+        if i not in layers:                   # a dense layer: its stage computed the MLP already
+            continue
         w = {}
         for k, off in layers[i].items():
             w[k] = f"layers.{i}.qmoe.{k.removeprefix('expert.')}"

@@ -94,9 +94,10 @@ def test_moe_expert_importance_counts_only_the_tokens_routed_to_it(tiny_checkpoi
     assert checked >= 6
 
 
-def test_calibrated_export_records_it_and_runs(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe-mixed"])
+def test_calibrated_export_records_it_and_runs(tiny_checkpoint, tmp_path, arch):
     import edge
-    ckpt = tiny_checkpoint("mixtral")
+    ckpt = tiny_checkpoint(arch)
     text = _text(tmp_path)
     out = export_model(str(ckpt), tmp_path / "b", ExportOptions(quant="int4", calib=str(text), calib_tokens=300),
                        progress=False).out
@@ -106,6 +107,9 @@ def test_calibrated_export_records_it_and_runs(tiny_checkpoint, tmp_path):
     # an int4 MoE keeps k, v in int8 as three projections: each takes the fused qkv's importance
     assert cal["layers.0.q"] and cal["layers.0.k"] and cal["layers.1.v"] and cal["layers.1.o"]
     assert any(v for k, v in cal.items() if ".experts." in k)
+    if arch == "qwen2_moe-mixed":      # layers 0 and 2 dense, 1 and 3 sparse: names keep the decoder layer
+        assert cal["layers.0.gate_up"] and cal["layers.2.down"]
+        assert any(v for k, v in cal.items() if k.startswith("layers.3.experts."))
     assert not cal["embed"]
     assert not list(tmp_path.glob(".edge-calib-*")), "the temporary fp32 copy is removed"
     model = edge.load(out, threads=2)

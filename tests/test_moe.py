@@ -78,7 +78,8 @@ def test_staged_experts_add_up_as_qmoe_does(tmp_path):
         assert not np.array_equal(MoEDecoder._mix(decoder, 0, x, logits), want)
 
 
-@pytest.mark.parametrize("arch,quant", [("mixtral", "fp32"), ("mixtral", "int4"), ("qwen2_moe", "int4")])
+@pytest.mark.parametrize("arch,quant", [("mixtral", "fp32"), ("mixtral", "int4"), ("qwen2_moe", "int4"),
+                                       ("qwen2_moe-mixed", "int4")])
 def test_small_expert_cache_gives_identical_tokens(tiny_bundle, arch, quant):
     b = tiny_bundle(arch, quant)
     prompts = [[5, 17, 99, 3, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
@@ -122,7 +123,7 @@ def test_prefetch_guesses_are_scored_and_change_nothing(tiny_bundle):
 
 
 @pytest.mark.parametrize("arch,quant", [("mixtral", "int4"), ("mixtral", "int8"), ("qwen3_moe", "int4"), ("olmoe", "int4"),
-                                       ("qwen2_moe", "int4")])
+                                       ("qwen2_moe", "int4"), ("qwen3_moe-mixed", "int4"), ("qwen2_moe-mixed", "int4")])
 def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, arch, quant):
     """Without a memory limit the runtime runs the fused graph (one QMoE node per layer); it must
     compute what the staged pipeline computes (olmoe: top-k weights not renormalised). Where the
@@ -137,7 +138,7 @@ def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, arch, quant):
     np.testing.assert_allclose(f, s, atol=1e-4)
     moe = fused.manifest.moe
     exact = moe.normalize_topk and moe.top_k == 2
-    assert exact == (arch in ("mixtral", "qwen3_moe"))
+    assert exact == (arch in ("mixtral", "qwen3_moe", "qwen3_moe-mixed"))
     if exact:                                # to the bit, prompt and token by token (decode's buffers)
         assert np.array_equal(f, s)
         assert fused.generate_ids(ids, max_new_tokens=12) == staged.generate_ids(ids, max_new_tokens=12)
@@ -146,17 +147,22 @@ def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, arch, quant):
             assert np.array_equal(fused.decoder.forward([t]), staged.decoder.forward([t]))
 
 
-def test_dense_layers_inside_a_moe_model_are_refused(tiny_checkpoint, tmp_path):
-    import json
-    import shutil
-
-    from export import export_model
-    src = shutil.copytree(tiny_checkpoint("qwen3_moe"), tmp_path / "src")
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["mlp_only_layers"] = [1]
-    (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(edge.UnsupportedError, match="layer 1 .* dense MLP"):
-        export_model(str(src), tmp_path / "out", progress=False)
+def test_dense_layers_among_sparse_ones(tiny_bundle):
+    """mlp_only_layers / decoder_sparse_step: a dense layer's stage holds its MLP and writes the hidden
+    state itself; experts are numbered by MoE layer. With one token's experts resident and build-ahead
+    on, prompt and decode equal the fused graph's to the bit (the tiny Qwen3-MoE renormalises top-2)."""
+    b = tiny_bundle("qwen3_moe-mixed", "int4")
+    fused = edge.load(b, threads=2, context_length=64)
+    moe = fused.manifest.moe
+    assert ["router_logits" in st.outputs for st in moe.stages[:-1]] == [False, True, True, False]
+    assert sorted({e.layer for e in moe.experts}) == [0, 1] and len(moe.routers) == 2
+    small = edge.load(b, threads=2, context_length=64, expert_capacity=3, prefetch=True)
+    assert small.decoder.experts.prefetcher is not None
+    ids = [5, 17, 99, 3, 250, 7, 8, 9]
+    assert np.array_equal(fused.logits(ids), small.logits(ids))
+    assert fused.generate_ids(ids, max_new_tokens=12) == small.generate_ids(ids, max_new_tokens=12)
+    assert small.decoder.experts.stats.misses > 0 and small.decoder.guesser.stats.guessed > 0
+    small.decoder.experts.close()
 
 
 def test_capacity_below_top_k_is_refused(tiny_bundle):

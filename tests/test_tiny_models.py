@@ -5,7 +5,8 @@ import pytest
 
 import edge
 
-ARCHS = ["llama", "llama-tied-rope3", "mistral", "mistral-window", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+ARCHS = ["llama", "llama-tied-rope3", "mistral", "mistral-window", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe",
+         "qwen3_moe-mixed", "qwen2_moe-mixed"]
 
 
 def reference(hf_dir, ids, steps):

@@ -26,6 +26,12 @@ CONFIGS = {
     "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                       shared_expert_intermediate_size=96, norm_topk_prob=False),
     "olmoe": dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    # dense MLPs among the sparse ones: first and last layer dense; every other layer sparse
+    "qwen3_moe-mixed": dict(model_type="qwen3_moe", head_dim=32, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=64, norm_topk_prob=True, num_hidden_layers=4, mlp_only_layers=[0, 3]),
+    "qwen2_moe-mixed": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=96, norm_topk_prob=False, num_hidden_layers=4,
+                            decoder_sparse_step=2),
 }
 
 

@@ -119,7 +119,7 @@ def llama_family(cfg: dict, *, attention_bias: bool, mlp_bias: bool = False, qk_
 def sparse_moe(arch: DecoderArch, cfg: dict, *, ffn_key: str, normalize: bool, prefix: str = "mlp") -> DecoderArch:
     """Attach a Hugging Face-style sparse MLP: router `{prefix}.gate.weight` [E, H], experts
     `{prefix}.experts.E.{gate,up,down}_proj.weight`. Layers listed in mlp_only_layers, or skipped by
-    decoder_sparse_step, would be dense: not supported yet, refused by the exporter."""
+    decoder_sparse_step, are dense (as in transformers): their MLP has the dense names of layer_names."""
     import dataclasses
     # released checkpoints say num_experts; transformers 5 writes num_local_experts
     n_exp = cfg.get("num_experts") or require(cfg, "num_local_experts")

@@ -1,6 +1,6 @@
-"""Qwen1.5-MoE / Qwen2-MoE: Qwen2 attention (q/k/v bias) and in every layer a sparse MLP (softmax
-router, top-k, renormalised only when norm_topk_prob) plus a shared expert that every token uses,
-scaled by sigmoid(shared_expert_gate(x))."""
+"""Qwen1.5-MoE / Qwen2-MoE: Qwen2 attention (q/k/v bias) and a sparse MLP (softmax router, top-k,
+renormalised only when norm_topk_prob) plus a shared expert that every token uses, scaled by
+sigmoid(shared_expert_gate(x)); layers in mlp_only_layers or off decoder_sparse_step are dense."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,6 @@
 """Qwen3-MoE (e.g. Qwen3-30B-A3B): Qwen3 attention (per-head q/k RMSNorm, explicit head_dim) and a
-sparse MLP in every layer: softmax router, top-k, renormalised when norm_topk_prob."""
+sparse MLP: softmax router, top-k, renormalised when norm_topk_prob; layers in mlp_only_layers or
+off decoder_sparse_step are dense."""
 from __future__ import annotations
 
 from . import qwen3
