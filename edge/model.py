@@ -18,7 +18,7 @@ import numpy as np
 from .bundle import Bundle, open_bundle
 from .engine import PREFILL_CHUNK, Decoder, default_threads
 from .errors import ConfigError, ContextError
-from .memory import trim_heap
+from .memory import return_freed_memory, trim_heap
 from .sampling import Sampler, SamplingParams
 from .text import StopStrings, StreamDecoder, Text
 
@@ -50,7 +50,10 @@ class Model:
         self.text = Text(m.tokenizer, bundle.path(m.tokenizer.file),
                          bundle.path(m.tokenizer.chat_template) if m.tokenizer.chat_template else None)
         if m.moe is not None and m.moe.fused is not None and memory_budget is None and expert_capacity is None:
-            # no memory limit: every expert resident, in one graph where onnxruntime routes (QMoE)
+            # no memory limit: every expert resident, in one graph where onnxruntime routes (QMoE). Its
+            # load folds the expert store's tensors into QMoE's inputs and frees them after prepacking:
+            # returned to the OS, not kept in the heap (SmolMoE int4: peak RSS 715 MB, 826 MB without)
+            return_freed_memory()
             self.decoder = Decoder(bundle, threads=threads, context_length=context_length, graph=m.moe.fused,
                                    prefill_chunk=PREFILL_CHUNK)
         elif m.moe is not None:

@@ -155,15 +155,13 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     # QMoE: quantized, no zero points, one scheme for both matmuls, block size dividing both depths
     fusable = (scheme is not None and scheme == policy.experts_down and scheme.symmetric
                and s.hidden_size % scheme.block_size == 0 and moe.expert_intermediate_size % scheme.block_size == 0)
-    fused_data = DataFile(root / "experts.fused.bin") if fusable else None
     # the expert store keeps these scales as fp16 (the expert graph and QMoE take fp32)
     half = {f"expert.{n}.scales" for n, sc in (("gate_up", policy.experts), ("down", policy.experts_down))
             if sc is not None and sc.scale_dtype == "float16"}
     stage_graphs: list[Graph] = []
     tied = None                                  # the quantized embedding, for a tied lm_head
     routers: list[int | None] = []
-    fused_layers: dict[int, dict[str, int]] = {}   # sparse layer -> QMoE tensor name -> offset
-    fused_shapes: dict[str, tuple] = {}          # QMoE tensor name -> (dtype, [E, ...])
+    moe_layers: dict[int, int] = {}              # decoder layer -> MoE layer (the experts' numbering)
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
         g = Graph(data)
@@ -201,7 +199,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             n_params += em.num_parameters
             stage_graphs.append(g)
             continue
-        ordinal = len(routers)                   # experts are numbered by MoE layer: this is the n-th
+        ordinal = moe_layers[i] = len(routers)   # experts are numbered by MoE layer: this is the n-th
         for name, src in (("moe_in", x), ("residual_out", res)):
             g.nodes.append(_identity(src, name))
             g.output(name, TensorProto.FLOAT, [1, "S", s.hidden_size])
@@ -227,7 +225,6 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         n_params += em.num_parameters
 
         stage_graphs.append(g)
-        fused_parts: dict[str, list[np.ndarray]] = {}                 # QMoE tensor name -> per expert
         for e, gate, up, down in moe.experts(get, i):
             blob = _Blob("experts.bin")
             mine = f"layers.{i}.experts.{e}."
@@ -238,8 +235,6 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             if fusable:
                 eg, blob = _qmoe_expert(_tensors(eg, raw), s.hidden_size, scheme)
                 raw = blob.bytes()
-                for k, v in _tensors(eg, raw).items():
-                    fused_parts.setdefault(k, []).append(v[0])
             graph_layout = _layout(eg)
             stored, these = _store(raw, graph_layout, half)
             if layout is None:
@@ -258,9 +253,6 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
                                             scale_dtype="float16" if t.name + ".scales" in half else t.scale_dtype)
                         for t in eem.entries]
             n_params += eem.num_parameters
-        if fusable:
-            fused_layers[i] = {k: fused_data.write(np.stack(v).tobytes()) for k, v in fused_parts.items()}
-            fused_shapes = {k: (v[0].dtype, (moe.num_experts,) + v[0].shape) for k, v in fused_parts.items()}
 
     # head
     g = Graph(data)
@@ -278,9 +270,8 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     data.close()
     files.append("experts.bin")
     if fusable:
-        fused_data.close()
-        _fused_graph(root, stage_graphs, g, fused_layers, fused_shapes, arch, scheme)
-        files += ["fused.onnx", "experts.fused.bin"]
+        _fused_graph(root, stage_graphs, g, moe_layers, experts, layout, arch, scheme)
+        files.append("fused.onnx")
 
     spec = GraphSpec(file=stages[0].file, input_ids="input_ids", seqlens_k="seqlens_k",
                      total_sequence_length="total_sequence_length", logits_positions=positions, logits="logits",
@@ -291,19 +282,24 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     moe_spec = MoESpec(stages=tuple(stages), expert_graph="expert.onnx", expert_input="x", expert_output="y",
                        expert_file="experts.bin", expert_tensors=layout, experts=tuple(experts),
                        num_experts=moe.num_experts, top_k=moe.top_k, normalize_topk=moe.normalize_topk,
-                       fused=dataclasses.replace(spec, file="fused.onnx", data=("stages.onnx.data", "experts.fused.bin"))
+                       fused=dataclasses.replace(spec, file="fused.onnx", data=("stages.onnx.data", "experts.bin"))
                        if fusable else None,
                        router_file="stages.onnx.data" if None not in routers else "",
                        routers=tuple(routers) if None not in routers else ())
     return spec, moe_spec, entries, n_params, files
 
 
-def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: dict[int, dict[str, int]],
-                 shapes: dict[str, tuple], arch: DecoderArch, scheme) -> None:   # shapes: name -> (dtype, shape)
-    """All stages and the head merged into one graph, each layer's experts as one QMoE node
-    (onnxruntime routes and runs them itself) whose weights are experts.fused.bin:
+def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, moe_layers: dict[int, int],
+                 experts: list[ExpertEntry], layout: tuple[ExpertTensor, ...], arch: DecoderArch, scheme) -> None:
+    """All stages and the head merged into one graph, each MoE layer's experts as one QMoE node
+    (onnxruntime routes and runs them itself). Its weights are the expert store's own bytes, no
+    second copy: each QMoE input is the Concat of the layer's E per-expert tensors in experts.bin
+    (Cast to fp32 where the store keeps fp16 scales), which onnxruntime folds into one constant at
+    load, then prepacks:
 
         stage i's nodes ─► moe_in [1,S,H] ─► QMoE(Reshape(router_logits) [S,E], fc1, fc2) ─► [1,S,H] ─► stage i+1
+        experts.bin: expert (i, 0..E-1) fc1 [1, 2F, H*bits/8] ─► Concat ─► fc1 [E, 2F, H*bits/8]  (and fc1 scales,
+                     fc2, fc2 scales alike; scales: Concat fp16 [E, ...] ─► Cast fp32)
         (a dense layer's stage: its nodes ─► hidden_out ─► stage i+1)
 
     (QMoE takes the 3D hidden state as is; only the router logits need the 2D shape.)
@@ -335,12 +331,10 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: dic
         if i:
             ren.update(hidden=f"L{i - 1}.moe_out", residual=f"L{i - 1}.residual")
         take(g, f"L{i}", ren)
-        if i not in layers:                   # a dense layer: its stage computed the MLP already
+        if i not in moe_layers:               # a dense layer: its stage computed the MLP already
             continue
-        w = {}
-        for k, off in layers[i].items():
-            w[k] = f"layers.{i}.qmoe.{k.removeprefix('expert.')}"
-            out.initializers.append(external_tensor(w[k], *shapes[k], "experts.fused.bin", off))
+        mine = sorted((x for x in experts if x.layer == moe_layers[i]), key=lambda x: x.expert)
+        w = {t.name: _stacked(out, f"layers.{i}.qmoe.{t.name.removeprefix('expert.')}", t, mine) for t in layout}
         fc1q, fc1s, fc2q, fc2s = (w[f"expert.{m}.{t}"] for m in ("gate_up", "down") for t in ("qweight", "scales"))
         r = out.op1("Reshape", [f"L{i}.router_logits", flat_e], name=f"L{i}/router_flat")           # [S, E]
         last = moe.normalize_topk and not moe.shared_expert               # QMoE's output is the layer's
@@ -362,6 +356,16 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, layers: dic
     last = len(stage_graphs) - 1
     take(head, "head", {"hidden": f"L{last}.moe_out", "residual": f"L{last}.residual"})
     out.save(root / "fused.onnx", name="fused_moe")
+
+
+def _stacked(out: Graph, name: str, t: ExpertTensor, mine: list[ExpertEntry]) -> str:
+    """One expert tensor of every expert in a layer as QMoE takes it: [E, ...] (t.shape is [1, ...])."""
+    parts = []
+    for x in mine:
+        parts.append(f"{name}.{x.expert}")
+        out.initializers.append(external_tensor(parts[-1], t.dtype, t.shape, "experts.bin", x.offset + t.offset))
+    y = out.op1("Concat", parts, name=f"{name}/stack", axis=0)                              # [E, ...]
+    return out.op1("Cast", [y], name=f"{name}/widen", to=TensorProto.FLOAT) if t.load_as else y
 
 
 def _identity(src: str, dst: str):
