@@ -21,5 +21,9 @@ class UnsupportedError(EdgeError):
     """An architecture or checkpoint feature edge does not support (yet)."""
 
 
+class MissingTensorError(EdgeError):
+    """A tensor the architecture asks for is not in the checkpoint (a reader may then try another layout)."""
+
+
 class BudgetError(EdgeError):
     """The memory budget cannot hold the model: the message names the minimum that works."""

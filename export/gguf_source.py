@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import EdgeError, UnsupportedError
+from edge.errors import EdgeError, MissingTensorError, UnsupportedError
 
 from .sources import TokenizerAssets
 
@@ -96,7 +96,7 @@ class GGUFFile:
     def get(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
         if name not in self.tensors:
-            raise EdgeError(f"tensor {name!r} is not in {self.path}")
+            raise MissingTensorError(f"tensor {name!r} is not in {self.path}")
         t = self.tensors[name]
         shape = [int(x) for x in reversed(t.shape.tolist())]    # GGUF lists dims innermost first
         raw = t.data.reshape(shape[0], -1) if len(shape) > 1 else t.data.reshape(1, -1)   # [rows, row bytes]

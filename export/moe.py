@@ -203,7 +203,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         for name, src in (("moe_in", x), ("residual_out", res)):
             g.nodes.append(_identity(src, name))
             g.output(name, TensorProto.FLOAT, [1, "S", s.hidden_size])
-        router = get(moe.router_name(i))                                        # [E, H]
+        router = moe.router(get, i)                                             # [E, H]
         em.linear(x, router, f"layers.{i}.router", None, out="router_logits")  # fp32: routing decides everything
         routers.append(g.offset_of(f"layers.{i}.router"))                      # None when stored inline
         g.output("router_logits", TensorProto.FLOAT, [1, "S", moe.num_experts])

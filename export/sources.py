@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ConfigError, EdgeError
+from edge.errors import ConfigError, EdgeError, MissingTensorError
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
@@ -74,7 +74,7 @@ class HFFolder:
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
-            raise EdgeError(f"tensor {name!r} is not in the checkpoint at {self.root} "
+            raise MissingTensorError(f"tensor {name!r} is not in the checkpoint at {self.root} "
                             f"(is config.json's model_type {self.config.get('model_type')!r} right?)")
         path, meta = self._where[name]
         dt = meta["dtype"]

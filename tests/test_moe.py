@@ -311,3 +311,33 @@ def test_short_expert_read_names_file_and_offset(tiny_bundle, tmp_path):
         for layer in range(m.manifest.model.num_layers):
             for e in range(m.manifest.moe.num_experts):
                 m.decoder.experts.get(layer, e)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_fused_expert_tensors_export_as_per_expert_ones(tiny_checkpoint, tiny_bundle, tmp_path, arch):
+    """A checkpoint may hold each layer's experts fused, as transformers holds them in memory
+    (mlp.experts.gate_up_proj [E, 2F, H], gate rows first; mlp.experts.down_proj [E, H, F]; Mixtral's
+    router as mlp.gate): the export equals the per-expert checkpoint's, to the bit."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    src = tiny_checkpoint(arch)
+    dst = tmp_path / "fused-src"
+    shutil.copytree(src, dst)
+    w = load_file(str(src / "model.safetensors"))
+    per = {"mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3", "block_sparse_moe.experts.{e}.w2"),
+           "qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")}[arch]
+    for i in range(2):
+        p = f"model.layers.{i}."
+        take = lambda role, e: w.pop(p + per[role].format(e=e) + ".weight")
+        gate, up, down = ([take(r, e) for e in range(4)] for r in range(3))
+        w[p + "mlp.experts.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])   # [E, 2F, H]
+        w[p + "mlp.experts.down_proj"] = np.stack(down)                                                     # [E, H, F]
+        if arch == "mixtral":
+            w[p + "mlp.gate.weight"] = w.pop(p + "block_sparse_moe.gate.weight")
+    (dst / "model.safetensors").unlink()
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    from export import ExportOptions, export_model
+    out = export_model(str(dst), tmp_path / "b", ExportOptions(quant="fp32"), progress=False).out
+    ids = [5, 17, 99, 3, 250, 7]
+    assert np.array_equal(edge.load(out, threads=1).logits(ids), edge.load(tiny_bundle(arch), threads=1).logits(ids))

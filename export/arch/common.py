@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edge.errors import UnsupportedError
+from edge.errors import MissingTensorError, UnsupportedError
 from edge.manifest import ModelSpec
 
 from ..rope import rope_kind
@@ -16,7 +16,7 @@ LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 class MoEArch:
     """The sparse MLP of a Mixture-of-Experts model.
 
-    router_name(i): checkpoint name of layer i's router weight [E, H].
+    router(get, i): layer i's router weight [E, H].
     experts(get, i): yields (e, gate [F, H], up [F, H], down [H, F]) for every expert of layer i.
     sparse_layers: the layers whose MLP is sparse (the others use the dense names in layer_names).
     normalize_topk: renormalise the top-k softmax weights to sum to 1.
@@ -26,7 +26,7 @@ class MoEArch:
     expert_intermediate_size: int
     normalize_topk: bool
     sparse_layers: tuple[int, ...]
-    router_name: Callable[[int], str]
+    router: Callable[[Callable[[str], Any], int], Any]
     experts: Callable[[Callable[[str], Any], int], Any]
     shared_expert: Callable[[int], dict[str, str]] | None = None   # names: gate, up, down, gate_weight [1, H]
 
@@ -116,6 +116,26 @@ def llama_family(cfg: dict, *, attention_bias: bool, mlp_bias: bool = False, qk_
     return DecoderArch(spec=spec, rope_scaling=scaling, top=top, layer_names=layer_names)
 
 
+def stored_experts(get: Callable[[str], Any], layer: int, n_exp: int, ffn: int, per_expert: Callable[[int], tuple]):
+    """(e, gate [F, H], up [F, H], down [H, F]) for every expert of `layer`, from either layout a checkpoint
+    may have: per expert (`per_expert(e)` -> the three names; what transformers saves), or fused per layer
+    as transformers holds them in memory: model.layers.i.mlp.experts.gate_up_proj [E, 2F, H] (gate rows
+    first) and model.layers.i.mlp.experts.down_proj [E, H, F]."""
+    p = f"model.layers.{layer}.mlp.experts."
+    try:
+        gate_up = get(p + "gate_up_proj")                                        # [E, 2F, H]
+    except MissingTensorError:                                                   # the per-expert layout
+        for e in range(n_exp):
+            yield (e, *(get(n) for n in per_expert(e)))
+        return
+    down = get(p + "down_proj")                                                  # [E, H, F]
+    if gate_up.shape[:2] != (n_exp, 2 * ffn) or down.shape[0] != n_exp:
+        raise UnsupportedError(f"{p}gate_up_proj is {list(gate_up.shape)} and down_proj {list(down.shape)}; "
+                               f"expected [{n_exp}, {2 * ffn}, H] and [{n_exp}, H, {ffn}]")
+    for e in range(n_exp):
+        yield e, gate_up[e, :ffn], gate_up[e, ffn:], down[e]
+
+
 def sparse_moe(arch: DecoderArch, cfg: dict, *, ffn_key: str, normalize: bool, prefix: str = "mlp") -> DecoderArch:
     """Attach a Hugging Face-style sparse MLP: router `{prefix}.gate.weight` [E, H], experts
     `{prefix}.experts.E.{gate,up,down}_proj.weight`. Layers listed in mlp_only_layers, or skipped by
@@ -131,10 +151,11 @@ def sparse_moe(arch: DecoderArch, cfg: dict, *, ffn_key: str, normalize: bool, p
 
     def experts(get, i: int):
         p = f"model.layers.{i}.{prefix}.experts."
-        for e in range(n_exp):
-            yield (e, get(f"{p}{e}.gate_proj.weight"), get(f"{p}{e}.up_proj.weight"), get(f"{p}{e}.down_proj.weight"))
+        yield from stored_experts(get, i, n_exp, ffn, lambda e: (f"{p}{e}.gate_proj.weight", f"{p}{e}.up_proj.weight",
+                                                                 f"{p}{e}.down_proj.weight"))
 
     moe = MoEArch(num_experts=n_exp, top_k=top_k, expert_intermediate_size=ffn, normalize_topk=normalize,
-                  sparse_layers=sparse, router_name=lambda i: f"model.layers.{i}.{prefix}.gate.weight", experts=experts)
+                  sparse_layers=sparse, router=lambda get, i: get(f"model.layers.{i}.{prefix}.gate.weight"),
+                  experts=experts)
     spec = dataclasses.replace(arch.spec, num_experts=n_exp, experts_per_token=top_k, expert_intermediate_size=ffn)
     return dataclasses.replace(arch, spec=spec, moe=moe)

@@ -8,39 +8,28 @@ from __future__ import annotations
 
 import dataclasses
 
-from .common import DecoderArch, MoEArch, llama_family, require
+from edge.errors import MissingTensorError
+
+from .common import DecoderArch, MoEArch, llama_family, require, stored_experts
 
 
 def describe(cfg: dict) -> DecoderArch:
     arch = llama_family(cfg, attention_bias=False, sliding_window=int(cfg.get("sliding_window") or 0))
     n_exp, top_k = require(cfg, "num_local_experts"), require(cfg, "num_experts_per_tok")
     ffn = arch.spec.intermediate_size
-    fused = {}   # per-layer answer to "is this checkpoint's layer fused?", found on first read
 
-    def _fused(get, i) -> bool:
-        if i not in fused:
-            try:
-                get(f"model.layers.{i}.mlp.experts.gate_up_proj")
-                fused[i] = True
-            except Exception:   # noqa: BLE001 - any reader's "no such tensor" means per-expert layout
-                fused[i] = False
-        return fused[i]
-
-    def router_name(i: int) -> str:
-        return f"model.layers.{i}.block_sparse_moe.gate.weight"
+    def router(get, i: int):
+        try:
+            return get(f"model.layers.{i}.block_sparse_moe.gate.weight")
+        except MissingTensorError:                       # the fused layout's name
+            return get(f"model.layers.{i}.mlp.gate.weight")
 
     def experts(get, i: int):
-        if _fused(get, i):
-            gu = get(f"model.layers.{i}.mlp.experts.gate_up_proj")          # [E, 2F, H]
-            down = get(f"model.layers.{i}.mlp.experts.down_proj")           # [E, H, F]
-            for e in range(n_exp):
-                yield e, gu[e, :ffn], gu[e, ffn:], down[e]
-            return
         p = f"model.layers.{i}.block_sparse_moe.experts."
-        for e in range(n_exp):
-            yield e, get(f"{p}{e}.w1.weight"), get(f"{p}{e}.w3.weight"), get(f"{p}{e}.w2.weight")
+        yield from stored_experts(get, i, n_exp, ffn, lambda e: (f"{p}{e}.w1.weight", f"{p}{e}.w3.weight",
+                                                                 f"{p}{e}.w2.weight"))
 
     moe = MoEArch(num_experts=n_exp, top_k=top_k, expert_intermediate_size=ffn, normalize_topk=True,
-                  sparse_layers=tuple(range(arch.spec.num_layers)), router_name=router_name, experts=experts)
+                  sparse_layers=tuple(range(arch.spec.num_layers)), router=router, experts=experts)
     spec = dataclasses.replace(arch.spec, num_experts=n_exp, experts_per_token=top_k, expert_intermediate_size=ffn)
     return dataclasses.replace(arch, spec=spec, moe=moe)
