@@ -35,8 +35,12 @@ def worker_edge(path, ids, gen, budget, policy, prefetch):
     from edge.experts import CacheStats
     c = getattr(m.decoder, "experts", None)       # None: the budget holds every expert, in the fused graph
     st = c.stats if c else CacheStats(hits=1)
-    h0, m0, b0 = st.hits, st.misses, st.bytes_read
+    pf = c.prefetcher.stats if c and c.prefetcher else None           # experts read in the background
+    h0, m0, b0, p0 = st.hits, st.misses, st.bytes_read, pf.bytes_read if pf else 0
     ttft, dec = run_once(m, ids, gen)
+    # per generated token, the prompt's misses included (as edge bench counts them)
+    hits, misses = st.hits - h0 or 1, st.misses - m0
+    read = st.bytes_read - b0 + (pf.bytes_read - p0 if pf else 0)
     d = m.decoder
     d.reset()
     tok = int(np.argmax(d.forward(ids)[-1]))
@@ -44,9 +48,8 @@ def worker_edge(path, ids, gen, budget, policy, prefetch):
     for _ in range(31):
         tok = int(np.argmax(d.forward([tok])))
         tokens.append(tok)
-    hits, misses = st.hits - h0 or 1, st.misses - m0
     return dict(fused=c is None, prompt_tok_s=len(ids) / ttft, decode_tok_s=(gen - 1) / dec, peak_rss_mb=status()["VmHWM"] / 2**20,
-                hit_rate=hits / max(1, hits + misses), mb_read_per_token=(st.bytes_read - b0) / 2**20 / gen,
+                hit_rate=hits / max(1, hits + misses), mb_read_per_token=read / 2**20 / gen,
                 capacity=c.capacity if c else len(m.manifest.moe.experts), prefetch=bool(c and c.prefetcher),
                 stall_s_per_token=(st.read_s + st.build_s) / max(1, st.misses) * (misses / gen), tokens=tokens)
 
