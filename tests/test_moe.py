@@ -206,6 +206,25 @@ def test_smolmoe_fp32_greedy_equals_transformers(smolmoe_hf, workdir):
         assert greedy(m, ids) == hf_greedy(ref, ids), p
 
 
+def test_real_moe_with_dense_layers_matches_transformers(smolmoe_hf, smollm2_hf, workdir):
+    """SmolMoE as Qwen2-MoE with every third layer SmolLM2's dense FFN (tests/mixed_moe.py): a real
+    checkpoint whose dense and sparse layers alternate; fp32 greedy equals transformers'."""
+    import torch
+    from mixed_moe import make
+    from test_smollm2 import PROMPTS, greedy, hf_greedy
+    from transformers import AutoModelForCausalLM
+
+    from export import ExportOptions, export_model
+    src = make(smolmoe_hf, smollm2_hf, workdir / "hf" / "smolmoe-mixed")
+    b = export_model(str(src), workdir / "smolmoe-mixed-fp32", ExportOptions(quant="fp32"), progress=False).out
+    m = edge.load(b, threads=2, context_length=256)
+    assert sum("router_logits" in st.outputs for st in m.manifest.moe.stages) == 20
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    for p in PROMPTS:
+        ids = m.encode(p)
+        assert greedy(m, ids) == hf_greedy(ref, ids), p
+
+
 def test_smolmoe_int4_quarter_cache_identical(smolmoe_hf, workdir):
     from test_smollm2 import greedy
 
