@@ -221,7 +221,7 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
         KV cache. A budget that cannot hold the model raises BudgetError naming the minimum.
     expert_capacity: instead of a budget, how many experts stay resident at once (default: all,
         loaded as the router first picks them).
-    expert_policy: "lfu" (per-layer, frequency-aware; default) or "lru" (the baseline).
+    expert_policy: "lfu" (frequency-aware, across layers; default) or "lru" (the baseline).
     prefetch: with a limited expert cache, read and build experts ahead on a background thread: a
         layer's misses and the experts the next layers' routers pick on the current hidden state,
         while the decode runs on one thread; the budget reserves room for them. Default (None): on
