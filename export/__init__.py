@@ -186,6 +186,9 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         if isinstance(e, OSError) and e.errno == 28:
             raise EdgeError(f"disk full while writing {out}: nothing was written; free space and retry") from None
         raise
+    finally:
+        if calibration is not None:
+            calibration.close()
     size = sum(f.size for f in manifest.files) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return ExportReport(out=out, seconds=time.perf_counter() - t0, peak_rss_mb=peak, bundle_mb=size, manifest=manifest)

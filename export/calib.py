@@ -14,9 +14,12 @@ the text never reaches gets none (plain weighted search). Names are the manifest
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +52,14 @@ class Activations:
 
 @dataclass(frozen=True)
 class Calibration:
-    stats: dict[str, Activations]        # tensor name -> its input's statistics
+    stats: Mapping[str, Activations]     # tensor name -> its input's statistics (an MoE's: streamed, _Streamed)
     tokens: int
     text_sha256: str
+
+    def close(self) -> None:
+        """Stop an MoE's stream and remove its temporary fp32 bundle (a dense model's is gone already)."""
+        if isinstance(self.stats, _Streamed):
+            self.stats.close()
 
     @property
     def importance(self) -> dict[str, np.ndarray]:
@@ -107,7 +115,9 @@ def _add(acc: "_Acc", taps: dict[str, list[str]], values: dict[str, np.ndarray],
 def collect(src: str, text_path: str, *, max_tokens: int, gram: bool = False, threads: int = 0,
             workdir: Path | None = None) -> Calibration:
     """Input statistics of every linear layer of `src` on the text in `text_path` (its first `max_tokens`
-    tokens); `gram` adds X^T X (SmolMoE: 240 experts x (576² + 1536²) x 4 bytes = 2.6 GB)."""
+    tokens); `gram` adds X^T X. An MoE's are computed a layer at a time as they are asked for, with
+    one layer's grams held at a time (SmolMoE holds 2.6 GB of them in all): close() the result when
+    done with it (the temporary fp32 bundle lives until then)."""
     from . import ExportOptions, export_model         # a calibration is a small fp32 export run on the text
 
     try:
@@ -115,6 +125,7 @@ def collect(src: str, text_path: str, *, max_tokens: int, gram: bool = False, th
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--calib {text_path}: cannot read it as UTF-8 text ({e})") from None
     tmp = Path(tempfile.mkdtemp(prefix=".edge-calib-", dir=workdir))
+    streamed = False
     try:
         rep = export_model(src, tmp / "fp32", ExportOptions(quant="fp32", max_context=CONTEXT), progress=False)
         bundle = open_bundle(rep.out)
@@ -124,12 +135,18 @@ def collect(src: str, text_path: str, *, max_tokens: int, gram: bool = False, th
         if len(ids) < ctx // 4:
             raise ConfigError(f"--calib {text_path}: only {len(ids)} tokens; give it at least {ctx // 4}")
         use_global_pool(threads or default_threads())
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if m.moe:
+            stats = _Streamed(_moe_stages(bundle, ids, gram, ctx), len(m.moe.stages), gram,
+                              lambda: shutil.rmtree(tmp, ignore_errors=True))
+            streamed = True
+            return Calibration(stats, len(ids), digest)
         acc = _Acc(gram)
-        run = _run_moe if m.moe else _run_dense
-        run(bundle, ids, acc, ctx)
-        return Calibration(acc.result(), len(ids), hashlib.sha256(text.encode()).hexdigest())
+        _run_dense(bundle, ids, acc, ctx)
+        return Calibration(acc.result(), len(ids), digest)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not streamed:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _windows(ids: list[int], ctx: int):
@@ -159,31 +176,36 @@ def _run_dense(bundle: Bundle, ids: list[int], acc: _Acc, ctx: int) -> None:
         _add(acc, taps, dict(zip(outs, sess.run(outs, feeds))))
 
 
-def _run_moe(bundle: Bundle, ids: list[int], acc: _Acc, ctx: int) -> None:
-    """The staged pipeline of edge.moe.MoEDecoder.forward, one window at a time, with taps."""
+def _moe_stages(bundle: Bundle, ids: list[int], gram: bool, ctx: int) -> Iterator[dict[str, Activations]]:
+    """The staged pipeline of edge.moe.MoEDecoder.forward with taps, stage-major: every window goes
+    through stage i (and its experts) before any goes on to stage i+1, each window's hidden state
+    and residual kept in between. Yields each stage's statistics when it is done, so only one
+    layer's experts and grams are held at a time."""
     moe, g = bundle.manifest.moe, bundle.manifest.graph
     names = _linears(bundle)
-    stages = []
-    for st in moe.stages:
-        path, taps = _instrument(bundle.path(st.file), names)
-        stages.append((st, taps, open_session(path, pooled_options())))
-    path, expert_taps = _instrument(bundle.path(moe.expert_graph), {EXPERT_PREFIX + "gate_up", EXPERT_PREFIX + "down"})
-    # every fp32 expert resident when they fit a few GB, else a small cache (slower: they are rebuilt)
-    resident = sum(e.size for e in moe.experts) < 4 << 30
-    experts = ExpertCache(bundle, capacity=len(moe.experts) if resident else 2 * moe.num_experts, policy="lru")
-    experts.graph_path = str(path)                                   # the same weights, with taps
+    expert_path, expert_taps = _instrument(bundle.path(moe.expert_graph), {EXPERT_PREFIX + "gate_up", EXPERT_PREFIX + "down"})
     kv = np.zeros((1, g.kv_num_heads, ctx, g.kv_head_dim), np.float32)              # an empty cache
     eouts = [moe.expert_output] + list(expert_taps)
     expert_roles = {k: [t[len(EXPERT_PREFIX):] for t in v] for k, v in expert_taps.items()}  # "expert.down" -> "down"
-    head = len(stages) - 1
-    sparse = ["router_logits" in st.outputs for st, _, _ in stages[:-1]]
-    moe_layer = [sum(sparse[:i]) for i in range(len(sparse))]          # the experts' numbering
-    for w in _windows(ids, ctx):
-        s = w.shape[1]
-        hidden = residual = None
-        for layer, (st, taps, sess) in enumerate(stages):
-            feeds = dict(_step(s), past_key=kv, past_value=kv)              # by role
-            feeds.update(input_ids=w) if layer == 0 else feeds.update(hidden=hidden, residual=residual)
+    head = len(moe.stages) - 1
+    windows = list(_windows(ids, ctx))
+    state: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows)     # (hidden, residual) per window
+    n_moe = 0                                                                       # MoE layers so far
+    for layer, st in enumerate(moe.stages):
+        path, taps = _instrument(bundle.path(st.file), names)
+        sess = open_session(path, pooled_options())
+        sparse = "router_logits" in st.outputs
+        experts = ExpertCache(bundle, capacity=moe.num_experts, policy="lru") if sparse else None
+        if experts:
+            experts.graph_path = str(expert_path)                                  # the same weights, with taps
+        acc = _Acc(gram)
+        for i, w in enumerate(windows):
+            s = w.shape[1]
+            feeds = dict(_step(s), past_key=kv, past_value=kv)                     # by role
+            if layer == 0:
+                feeds["input_ids"] = w
+            else:
+                feeds["hidden"], feeds["residual"] = state[i]
             if layer == head:
                 feeds["logits_positions"] = np.array([s - 1], np.int64)
             roles = [r for r in ("moe_in", "hidden", "residual", "router_logits", "moe_shared", "logits")
@@ -192,20 +214,80 @@ def _run_moe(bundle: Bundle, ids: list[int], acc: _Acc, ctx: int) -> None:
             res = dict(zip(outs, sess.run(outs, {st.inputs[r]: v for r, v in feeds.items() if r in st.inputs})))
             _add(acc, taps, res)
             if layer == head:
-                break
+                continue
             residual = res[st.outputs["residual"]]
-            if not sparse[layer]:                                               # a dense layer's stage
-                hidden = res[st.outputs["hidden"]]
+            if not sparse:                                                          # a dense layer's stage
+                state[i] = (res[st.outputs["hidden"]], residual)
                 continue
             x, logits = res[st.outputs["moe_in"]][0], res[st.outputs["router_logits"]][0]    # [S, H], [S, E]
             top, wt = route(logits, moe.top_k, moe.normalize_topk)
             out = np.zeros_like(x)
             for e in np.unique(top):
                 tok, slot = np.nonzero(top == e)
-                y, *tapped = experts.get(moe_layer[layer], int(e)).run(eouts, {moe.expert_input: x[tok]})
+                y, *tapped = experts.get(n_moe, int(e)).run(eouts, {moe.expert_input: x[tok]})
                 _add(acc, expert_roles, dict(zip(eouts[1:], tapped)), f"layers.{layer}.experts.{int(e)}.")
                 np.add.at(out, tok, wt[tok, slot][:, None] * y)
-            hidden = out[None]                                                  # [1, S, H]
+            hidden = out[None]                                                      # [1, S, H]
             if "moe_shared" in st.outputs:
                 hidden = hidden + res[st.outputs["moe_shared"]]
-    experts.close()
+            state[i] = (hidden, residual)
+        if experts:
+            experts.close()
+            n_moe += 1
+        del sess
+        yield acc.result()
+
+
+class _Streamed(Mapping):
+    """An MoE's statistics, computed a stage at a time as they are asked for (the export asks for them
+    layer by layer): asking for layer i's runs the stages up to i. With grams, computing a stage
+    drops the grams of the stages before it (SmolMoE: ~86 MB a layer instead of 2.6 GB held), and
+    asking for one of those again is an error rather than a silent fallback to no gram."""
+
+    def __init__(self, stages: Iterator[dict[str, Activations]], n_stages: int, grams: bool, on_close):
+        self._stages, self._n, self._grams, self._on_close = stages, n_stages, grams, on_close
+        self._stats: dict[str, Activations] = {}
+        self._of: dict[str, int] = {}
+        self._done = 0                             # stages computed
+
+    def _stage_of(self, name: str) -> int:
+        m = re.match(r"layers\.(\d+)\.", name)
+        return int(m.group(1)) if m else self._n - 1          # the head's (lm_head)
+
+    def _upto(self, stage: int) -> None:
+        while self._done <= stage:
+            if self._grams:
+                for k, a in self._stats.items():
+                    if a.gram is not None:
+                        self._stats[k] = dataclasses.replace(a, gram=None)
+            new = next(self._stages)
+            self._stats.update(new)
+            self._of.update(dict.fromkeys(new, self._done))
+            self._done += 1
+            if self._done == self._n:
+                self.close()
+
+    def __getitem__(self, name: str) -> Activations:
+        stage = self._stage_of(name)
+        self._upto(stage)
+        if self._grams and stage < self._done - 1 and name in self._stats:
+            raise RuntimeError(f"calibration of {name} was asked for after a later layer's: the grams stream "
+                               "layer by layer and those of earlier layers are gone")
+        return self._stats[name]
+
+    def __iter__(self):
+        self._upto(self._n - 1)
+        return iter(self._stats)
+
+    def __len__(self) -> int:
+        self._upto(self._n - 1)
+        return len(self._stats)
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._stages.close()
+            self._on_close()
+            self._on_close = None
+
+    def __del__(self):
+        self.close()

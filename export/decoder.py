@@ -64,7 +64,8 @@ class _Emitter:
         self.g = g
         self.half_scales = half_scales     # store fp16 scales as fp16 (False: fp32 in the graph, as the expert
                                            #   graph takes them; export/moe.py halves them in the store)
-        self.calibration = calibration or {}  # tensor name -> its input's statistics (export/calib.py)
+        # tensor name -> its input's statistics (export/calib.py; an MoE's are streamed: never ask its len)
+        self.calibration = {} if calibration is None else calibration
         self.entries: list[TensorEntry] = []
         self.num_parameters = 0
         self.tied: Tied | None = None      # set by a quantized embedding stored in the data file

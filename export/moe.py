@@ -138,7 +138,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     """Write stages, expert graph and expert store into `root`; returns the graph spec (KV cache),
     the MoE spec, tensor entries, parameter count and the files written. `calibration` is keyed by
     manifest tensor name (export/calib.py)."""
-    calibration = calibration or {}
+    calibration = {} if calibration is None else calibration      # streamed (export/calib.py): no len()
     s, moe = arch.spec, arch.moe
     data = DataFile(root / "stages.onnx.data")
     cos, sin = tables(s.head_dim, s.rope_theta, arch.rope_scaling, max_context)
@@ -228,9 +228,9 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         for e, gate, up, down in moe.experts(get, i):
             blob = _Blob("experts.bin")
             mine = f"layers.{i}.experts.{e}."
+            mine_cal = {"expert." + r: calibration.get(mine + r) for r in ("gate_up", "down")}
             eg, eem = _expert_graph(blob, gate, up, down, s.hidden_size, (policy.experts, policy.experts_down),
-                                    "expert.", {"expert." + k[len(mine):]: v for k, v in calibration.items()
-                                                if k.startswith(mine)})
+                                    "expert.", {k: v for k, v in mine_cal.items() if v is not None})
             raw = blob.bytes()
             if fusable:
                 eg, blob = _qmoe_expert(_tensors(eg, raw), s.hidden_size, scheme)

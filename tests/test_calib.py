@@ -152,3 +152,18 @@ def test_gptq_export_records_it_and_beats_mse_on_the_calibration_text(tiny_check
         logits[name] = model.decoder.forward(ids, all_logits=True).reshape(len(ids), -1).copy()
     err = {k: float(np.sqrt(np.mean((logits[k] - logits["fp32"]) ** 2))) for k in ("mse", "gptq")}
     assert err["gptq"] < err["mse"], err
+
+
+def test_moe_grams_stream_layer_by_layer(tiny_checkpoint, tmp_path):
+    """An MoE's statistics are computed a stage at a time, as the export asks for them in layer order;
+    computing a later layer drops the earlier layers' grams (asking again is an error, not a silent
+    fallback to no gram); the temporary fp32 bundle lives until close()."""
+    cal = collect(str(tiny_checkpoint("mixtral")), str(_text(tmp_path)), max_tokens=300, gram=True, workdir=tmp_path)
+    assert cal.stats["layers.0.qkv"].gram is not None and cal.stats["layers.0.experts.1.down"].gram is not None
+    assert list(tmp_path.glob(".edge-calib-*"))
+    assert cal.stats["layers.1.o"].gram is not None
+    with pytest.raises(RuntimeError, match="layer by layer"):
+        cal.stats["layers.0.qkv"]
+    assert cal.stats["lm_head"].gram is not None
+    assert not list(tmp_path.glob(".edge-calib-*")), "removed once the last stage is done"
+    cal.close()
