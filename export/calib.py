@@ -9,7 +9,9 @@ moment X^T X to carry each column's rounding error into the columns not yet quan
 
 An MoE's stages and experts run as the runtime's staged pipeline does (route, then each expert on
 the tokens routed to it), so an expert's importance averages only over its own tokens; an expert
-the text never reaches gets none (plain weighted search). Names are the manifest's tensor names
+the text never reaches gets none (plain weighted search). They run stage-major, on demand: the
+export asks for layer i's statistics, every window goes through stage i, and only then layer i+1
+(one layer's experts and grams in memory, not the whole model's). Names are the manifest's tensor names
 ("layers.3.qkv", "layers.3.experts.5.down", "lm_head").
 """
 from __future__ import annotations
