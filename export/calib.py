@@ -292,4 +292,7 @@ class _Streamed(Mapping):
             self._on_close = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: modules may be gone already
+            pass
