@@ -124,6 +124,15 @@ class MoESpec:
     router_file: str = ""                  # where each layer's router weight lies, fp32 [H, E] (prefetch guesses)
     routers: tuple[int, ...] = ()          # byte offsets in router_file, one per MoE layer
 
+    def moe_layers(self) -> list[int | None]:
+        """Per stage before the head: its MoE layer (the experts' numbering: the n-th stage with
+        router_logits), None for a dense layer's stage (its MLP is inside)."""
+        out, n = [], 0
+        for st in self.stages[:-1]:
+            out.append(n if "router_logits" in st.outputs else None)
+            n += out[-1] is not None
+        return out
+
 
 @dataclass(frozen=True)
 class TokenizerSpec:

@@ -206,9 +206,7 @@ class MoEDecoder:
         self.position = 0
         self._decode_bound = False
         self._shared = [("moe_shared" in st.outputs) for st in self.moe.stages[:-1]]
-        # stage -> its MoE layer (the experts' numbering), None for a dense layer's stage (its MLP is inside)
-        sparse = ["router_logits" in st.outputs for st in self.moe.stages[:-1]]
-        self._moe_layer = [sum(sparse[:i]) if s else None for i, s in enumerate(sparse)]
+        self._moe_layer = self.moe.moe_layers()          # stage -> MoE layer, None for a dense layer's
         # one-token buffers: stage i writes moe_in into x; experts write y0..y(k-1); the weighted sum
         # goes to hidden, which stage i+1 reads together with the residual stream
         H, E, K = self.hidden, self.moe.num_experts, self.moe.top_k

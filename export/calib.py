@@ -192,11 +192,11 @@ def _moe_stages(bundle: Bundle, ids: list[int], gram: bool, ctx: int) -> Iterato
     head = len(moe.stages) - 1
     windows = list(_windows(ids, ctx))
     state: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows)     # (hidden, residual) per window
-    n_moe = 0                                                                       # MoE layers so far
+    moe_layer = moe.moe_layers() + [None]                                          # the head has no experts
     for layer, st in enumerate(moe.stages):
         path, taps = _instrument(bundle.path(st.file), names)
         sess = open_session(path, pooled_options())
-        sparse = "router_logits" in st.outputs
+        sparse = moe_layer[layer] is not None
         experts = ExpertCache(bundle, capacity=moe.num_experts, policy="lru") if sparse else None
         if experts:
             experts.graph_path = str(expert_path)                                  # the same weights, with taps
@@ -226,7 +226,7 @@ def _moe_stages(bundle: Bundle, ids: list[int], gram: bool, ctx: int) -> Iterato
             out = np.zeros_like(x)
             for e in np.unique(top):
                 tok, slot = np.nonzero(top == e)
-                y, *tapped = experts.get(n_moe, int(e)).run(eouts, {moe.expert_input: x[tok]})
+                y, *tapped = experts.get(moe_layer[layer], int(e)).run(eouts, {moe.expert_input: x[tok]})
                 _add(acc, expert_roles, dict(zip(eouts[1:], tapped)), f"layers.{layer}.experts.{int(e)}.")
                 np.add.at(out, tok, wt[tok, slot][:, None] * y)
             hidden = out[None]                                                      # [1, S, H]
@@ -235,7 +235,6 @@ def _moe_stages(bundle: Bundle, ids: list[int], gram: bool, ctx: int) -> Iterato
             state[i] = (hidden, residual)
         if experts:
             experts.close()
-            n_moe += 1
         del sess
         yield acc.result()
 
@@ -249,7 +248,7 @@ class _Streamed(Mapping):
     def __init__(self, stages: Iterator[dict[str, Activations]], n_stages: int, grams: bool, on_close):
         self._stages, self._n, self._grams, self._on_close = stages, n_stages, grams, on_close
         self._stats: dict[str, Activations] = {}
-        self._of: dict[str, int] = {}
+        self._last: dict[str, Activations] = {}    # the stage computed last (the one whose grams are kept)
         self._done = 0                             # stages computed
 
     def _stage_of(self, name: str) -> int:
@@ -259,12 +258,9 @@ class _Streamed(Mapping):
     def _upto(self, stage: int) -> None:
         while self._done <= stage:
             if self._grams:
-                for k, a in self._stats.items():
-                    if a.gram is not None:
-                        self._stats[k] = dataclasses.replace(a, gram=None)
-            new = next(self._stages)
-            self._stats.update(new)
-            self._of.update(dict.fromkeys(new, self._done))
+                self._stats.update({k: dataclasses.replace(a, gram=None) for k, a in self._last.items()})
+            self._last = next(self._stages)
+            self._stats.update(self._last)
             self._done += 1
             if self._done == self._n:
                 self.close()

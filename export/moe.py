@@ -182,49 +182,42 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_kv)
         kvs.append(kv)
         ins.update(past_key=kv[0], past_value=kv[1])
-        if i not in moe.sparse_layers:           # a dense layer: its MLP in the stage, no experts
+        g.nodes.append(_identity(res, "residual_out"))
+        g.output("residual_out", TensorProto.FLOAT, [1, "S", s.hidden_size])
+        outs = {"residual": "residual_out", "present_key": kv[2], "present_value": kv[3]}
+        if i in moe.sparse_layers:
+            moe_layers[i] = len(routers)         # experts are numbered by MoE layer: this is the n-th
+            g.nodes.append(_identity(x, "moe_in"))
+            g.output("moe_in", TensorProto.FLOAT, [1, "S", s.hidden_size])
+            router = moe.router(get, i)                                             # [E, H]
+            em.linear(x, router, f"layers.{i}.router", None, out="router_logits")  # fp32: routing decides everything
+            routers.append(g.offset_of(f"layers.{i}.router"))                      # None when stored inline
+            g.output("router_logits", TensorProto.FLOAT, [1, "S", moe.num_experts])
+            outs.update(moe_in="moe_in", router_logits="router_logits")
+            if moe.shared_expert:      # sigmoid(x @ gate_weight.T) * shared_mlp(x), added to the routed sum
+                n = moe.shared_expert(i)
+                y = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.shared.",
+                               (policy.mlp, policy.mlp_down))
+                gate = g.op1("Sigmoid", [em.linear(x, get(n["gate_weight"]), f"layers.{i}.shared_gate", None)],
+                             name=f"layers.{i}.shared_gate/sigmoid")                                   # [1, S, 1]
+                g.op("Mul", [y, gate], name=f"layers.{i}.shared/scale", outputs=["moe_shared"])
+                g.output("moe_shared", TensorProto.FLOAT, [1, "S", s.hidden_size])
+                outs["moe_shared"] = "moe_shared"
+        else:                                    # a dense layer: its MLP in the stage, no experts
             n = arch.layer_names(i)
             bias = tuple(get(n[r + "_bias"]) if r + "_bias" in n else None for r in ("gate", "up", "down"))
             swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.",
                        (policy.mlp, policy.mlp_down), bias, out="hidden_out")
-            g.nodes.append(_identity(res, "residual_out"))
-            for name in ("hidden_out", "residual_out"):
-                g.output(name, TensorProto.FLOAT, [1, "S", s.hidden_size])
-            g.save(root / f"layers.{i}.onnx", name=f"layer_{i}")
-            files.append(f"layers.{i}.onnx")
-            stages.append(StageSpec(file=f"layers.{i}.onnx", inputs=ins,
-                                    outputs={"hidden": "hidden_out", "residual": "residual_out",
-                                             "present_key": kv[2], "present_value": kv[3]}))
-            entries += em.entries
-            n_params += em.num_parameters
-            stage_graphs.append(g)
-            continue
-        ordinal = moe_layers[i] = len(routers)   # experts are numbered by MoE layer: this is the n-th
-        for name, src in (("moe_in", x), ("residual_out", res)):
-            g.nodes.append(_identity(src, name))
-            g.output(name, TensorProto.FLOAT, [1, "S", s.hidden_size])
-        router = moe.router(get, i)                                             # [E, H]
-        em.linear(x, router, f"layers.{i}.router", None, out="router_logits")  # fp32: routing decides everything
-        routers.append(g.offset_of(f"layers.{i}.router"))                      # None when stored inline
-        g.output("router_logits", TensorProto.FLOAT, [1, "S", moe.num_experts])
-        outs = {"moe_in": "moe_in", "residual": "residual_out", "router_logits": "router_logits",
-                "present_key": kv[2], "present_value": kv[3]}
-        if moe.shared_expert:      # sigmoid(x @ gate_weight.T) * shared_mlp(x), added to the routed sum
-            n = moe.shared_expert(i)
-            y = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.shared.",
-                           (policy.mlp, policy.mlp_down))
-            gate = g.op1("Sigmoid", [em.linear(x, get(n["gate_weight"]), f"layers.{i}.shared_gate", None)],
-                         name=f"layers.{i}.shared_gate/sigmoid")                                   # [1, S, 1]
-            g.op("Mul", [y, gate], name=f"layers.{i}.shared/scale", outputs=["moe_shared"])
-            g.output("moe_shared", TensorProto.FLOAT, [1, "S", s.hidden_size])
-            outs["moe_shared"] = "moe_shared"
+            g.output("hidden_out", TensorProto.FLOAT, [1, "S", s.hidden_size])
+            outs["hidden"] = "hidden_out"
         g.save(root / f"layers.{i}.onnx", name=f"layer_{i}")
         files.append(f"layers.{i}.onnx")
         stages.append(StageSpec(file=f"layers.{i}.onnx", inputs=ins, outputs=outs))
         entries += em.entries
         n_params += em.num_parameters
-
         stage_graphs.append(g)
+        if i not in moe_layers:
+            continue
         for e, gate, up, down in moe.experts(get, i):
             blob = _Blob("experts.bin")
             mine = f"layers.{i}.experts.{e}."
@@ -246,7 +239,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             elif these != layout:
                 raise AssertionError(f"expert {i}.{e} has a different tensor layout")
             store.write(b"\0" * (-store.tell() % ALIGN))
-            experts.append(ExpertEntry(layer=ordinal, expert=e, offset=store.tell(), size=len(stored),
+            experts.append(ExpertEntry(layer=moe_layers[i], expert=e, offset=store.tell(), size=len(stored),
                                        sha256=hashlib.sha256(stored).hexdigest()))
             store.write(stored)
             entries += [dataclasses.replace(t, name=t.name.replace("expert.", f"layers.{i}.experts.{e}.", 1),
