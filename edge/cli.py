@@ -59,7 +59,7 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
                                       "and speed, slower export) | gptq (needs --calib: each column's rounding "
                                       "error is compensated in the columns after it) | rtn (round to nearest)."),
            quant_policy: str = typer.Option("", "--quant-policy", help="Per kind of weight, e.g. "
-                                            "'attention=int8,down=int8,experts=int4/64' (kinds: attention, attention_kv, mlp, "
+                                            "'attention=int8,down=int8,experts=int4/64' (kinds: attention, attention_qkv, mlp, "
                                             "mlp_down, experts, experts_down, down, embed, lm_head)."),
            embed_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (fp32 for fp32 exports, else int8)."),
            lm_head_quant: str = typer.Option("auto", help="fp32 | int8 | int4 | auto (a tied head: as the "

@@ -37,14 +37,14 @@ MS = "com.microsoft"
 @dataclass(frozen=True)
 class QuantPolicy:
     """Which scheme each kind of weight gets (None = fp32)."""
-    attention: QuantScheme | None          # q and o projections (and k, v unless attention_kv differs)
+    attention: QuantScheme | None          # o projection (and q, k, v unless attention_qkv differs)
     mlp: QuantScheme | None                # dense (and shared-expert) gate|up
     mlp_down: QuantScheme | None           # dense (and shared-expert) down
     experts: QuantScheme | None            # routed experts' gate|up
     experts_down: QuantScheme | None       # routed experts' down
     embed: QuantScheme | None
     lm_head: QuantScheme | None
-    attention_kv: QuantScheme | None       # k and v projections (llama.cpp keeps a MoE's at Q8_0)
+    attention_qkv: QuantScheme | None      # q, k and v: one fused projection (llama.cpp keeps a MoE's k, v at Q8_0)
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,8 @@ class _Emitter:
         return self.g.weight(name, w.astype(np.float32))
 
     def linear(self, x: str, w: np.ndarray, name: str, scheme: QuantScheme | None, bias: np.ndarray | None = None,
-               *, out: str | None = None, calibration_of: str | None = None) -> str:
-        """y = x @ w.T (+ bias); w is [N, K] as in a Hugging Face Linear. `out` names the result;
-        `calibration_of` names the tensor whose calibration applies (one that reads the same input)."""
+               *, out: str | None = None) -> str:
+        """y = x @ w.T (+ bias); w is [N, K] as in a Hugging Face Linear. `out` names the result."""
         n, k = w.shape
         outs = [out] if out else None
         if scheme is None:
@@ -116,7 +115,7 @@ class _Emitter:
                 return self.g.op("MatMul", [x, wt], name=name, outputs=outs)[0]
             y = self.g.op1("MatMul", [x, wt], name=name)
             return self.g.op("Add", [y, self.plain(name + ".bias", bias)], name=name + "/bias", outputs=outs)[0]
-        act = self.calibration.get(calibration_of or name) if scheme.method != "rtn" else None
+        act = self.calibration.get(name) if scheme.method != "rtn" else None
         q = quantize(w, scheme, importance=act and act.importance, gram=act and act.gram)
         self.record(name, w, q.scheme, q.max_rel_err, q.rms_rel_err, calibrated=act is not None)
         ins = [x, self.g.weight(name + ".qweight", q.packed), self.scales(name, q.scales, scheme)]
@@ -177,7 +176,7 @@ def _without_gptq(scheme: QuantScheme | None) -> QuantScheme | None:
 
 def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarray], i: int, h: str,
               residual: str | None, step: StepInputs, scheme: QuantScheme | None,
-              kv_scheme: QuantScheme | None) -> tuple[str, str, tuple[str, ...]]:
+              qkv_scheme: QuantScheme | None) -> tuple[str, str, tuple[str, ...]]:
     """Layer i up to its MLP: input norm -> attention (KV in place) -> post-attention norm.
     Returns (x for the MLP, the residual stream, (past_key, past_value, present_key, present_value))."""
     s = arch.spec
@@ -193,23 +192,16 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
     # q, k and v keep the calibrated mse search under --method gptq: GPTQ made them worse (SmolLM2 int4,
     # 4096 held-out tokens through transformers: perplexity 18.42 with gptq on q/k/v, 17.24 with mse
     # everywhere, 16.54 with gptq on everything but q/k/v; normalising each token's x before X^T X
-    # gave 16.88). The manifest records mse for them.
-    q_scheme, kv_scheme = _without_gptq(scheme), _without_gptq(kv_scheme)
-    if kv_scheme == q_scheme:
-        # fused q|k|v rows [(NH + 2 KV) * D, H]
-        wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
-        bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
-        qkv = em.linear(x, wqkv, p + "qkv", q_scheme, bqkv)
-        del wqkv
-        split = bool(s.qk_norm)
-        if split:
-            q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
-                           3, name=p + "qkv_split", axis=-1)
-    else:   # k, v at their own precision: three projections reading x (the calibration's is qkv's)
-        q, k, v = (em.linear(x, w(r), p + r, q_scheme if r == "q" else kv_scheme, b(r), calibration_of=p + "qkv")
-                   for r in ("q", "k", "v"))
-        split = True
+    # gave 16.88). The manifest records mse for them. They are one projection at one precision: fused
+    # q|k|v rows [(NH + 2 KV) * D, H] (three reading the same x cost SmolMoE ~6% of decode speed).
+    wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
+    bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
+    qkv = em.linear(x, wqkv, p + "qkv", _without_gptq(qkv_scheme), bqkv)
+    del wqkv
+    split = bool(s.qk_norm)
     if split:
+        q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
+                       3, name=p + "qkv_split", axis=-1)
         if s.qk_norm == "head":
             q = _head_rms(g, em, q, w("q_norm"), NH, D, s.norm_eps, p + "q_norm")
             k = _head_rms(g, em, k, w("k_norm"), KV, D, s.norm_eps, p + "k_norm")
@@ -284,7 +276,7 @@ def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray],
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
         n = arch.layer_names(i)
-        x, residual, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_kv)
+        x, residual, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_qkv)
         kvs.append(kv)
         b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
         h = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.", (policy.mlp, policy.mlp_down),

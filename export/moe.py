@@ -179,7 +179,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         else:
             h = ins["hidden"] = g.input("hidden", TensorProto.FLOAT, [1, "S", s.hidden_size])
             residual = ins["residual"] = g.input("residual", TensorProto.FLOAT, [1, "S", s.hidden_size])
-        x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_kv)
+        x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_qkv)
         kvs.append(kv)
         ins.update(past_key=kv[0], past_value=kv[1])
         g.nodes.append(_identity(res, "residual_out"))

@@ -95,21 +95,22 @@ def test_scales_are_stored_in_fp16_and_exact(tiny_bundle):
         np.testing.assert_array_equal(s, s.astype(np.float16).astype(np.float32))
     b = tiny_bundle("mixtral", "int4")
     dtypes = {t.name: t.scale_dtype for t in open_bundle(b).manifest.tensors if t.dtype != "float32"}
-    assert dtypes["layers.0.q"] == "float16" and dtypes["layers.0.experts.0.gate_up"] == "float16"
+    assert dtypes["layers.0.qkv"] == "float16" and dtypes["layers.0.experts.0.gate_up"] == "float16"
     store = {t.name: (t.dtype, t.load_as) for t in open_bundle(b).manifest.moe.expert_tensors}
     assert store["expert.gate_up.scales"] == store["expert.down.scales"] == ("float16", "float32")
     assert store["expert.gate_up.qweight"] == ("uint8", "")
     g = onnx.load(str(b / "layers.0.onnx"), load_external_data=False).graph
     half = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-    assert "layers.0.q.scales" in half
-    assert any(n.op_type == "Cast" and n.input[0] == "layers.0.q.scales" for n in g.node)
+    assert "layers.0.o.scales" in half
+    assert any(n.op_type == "Cast" and n.input[0] == "layers.0.o.scales" for n in g.node)
 
 
-def test_int4_moe_keeps_k_and_v_in_int8(tiny_bundle):
-    """As llama.cpp's Q4_0 does for MoE models; a dense int4 export keeps one fused int4 qkv."""
+def test_int4_moe_keeps_qkv_in_int8(tiny_bundle):
+    """k and v in int8 as llama.cpp's Q4_0 does for MoE models, q with them (one fused projection); a
+    dense int4 export keeps one fused int4 qkv."""
     from edge.bundle import open_bundle
     moe = {t.name: t.dtype for t in open_bundle(tiny_bundle("mixtral", "int4")).manifest.tensors}
-    assert moe["layers.0.q"] == moe["layers.0.o"] == "int4" and moe["layers.0.k"] == moe["layers.0.v"] == "int8"
+    assert moe["layers.0.qkv"] == "int8" and moe["layers.0.o"] == moe["layers.1.o"] == "int4"
     dense = {t.name: t.dtype for t in open_bundle(tiny_bundle("llama", "int4")).manifest.tensors}
     assert dense["layers.0.qkv"] == "int4"
 

@@ -46,16 +46,16 @@ def test_fp32_matches_transformers(arch, tiny_checkpoint, tiny_bundle):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "olmoe"])
-def test_kv_projections_at_their_own_precision(arch, tiny_checkpoint, tiny_bundle):
-    """attention_kv=int8 in an fp32 export: q, k, v become three projections (q/k norms still apply)
-    and the logits stay within int8's error of transformers'."""
+def test_qkv_projection_at_its_own_precision(arch, tiny_checkpoint, tiny_bundle):
+    """attention_qkv=int8 in an fp32 export: q, k, v are one int8 projection while o stays fp32 (q/k
+    norms still apply after the split), and the logits stay within int8's error of transformers'."""
     from edge.bundle import open_bundle
     ids = [int(i) for i in np.random.default_rng(1).integers(0, 256, 12)]
     ref, tokens = reference(tiny_checkpoint(arch), ids, 4)
-    b = tiny_bundle(arch, "fp32", quant_policy="attention_kv=int8")
+    b = tiny_bundle(arch, "fp32", quant_policy="attention_qkv=int8")
     kinds = {t.name: t.dtype for t in open_bundle(b).manifest.tensors}
-    assert kinds["layers.0.q"] == "float32" and kinds["layers.0.k"] == kinds["layers.1.v"] == "int8"
-    assert "layers.0.qkv" not in kinds
+    assert kinds["layers.0.o"] == "float32" and kinds["layers.0.qkv"] == kinds["layers.1.qkv"] == "int8"
+    assert "layers.0.q" not in kinds and "layers.0.k" not in kinds
     got = ours(b, ids, tokens[:-1])
     err = max(float(np.abs(a - r).max()) for a, r in zip(got, ref))
     assert 1e-6 < err < 0.05, f"{arch}: max abs logit error {err}"
