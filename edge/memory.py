@@ -69,6 +69,17 @@ def return_freed_memory(threshold: int = 256 << 10) -> bool:
     return bool(mallopt and mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
+def reset_peak() -> bool:
+    """Linux: restart VmHWM (the peak RSS) from the current RSS, so that the peak of what follows can be
+    read from status(). A no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def trim_heap() -> bool:
     """glibc: give the heap's free pages back to the OS (malloc_trim). Building and dropping
     hundreds of expert sessions leaves small free chunks scattered through the heap; SmolMoE under

@@ -17,7 +17,7 @@ from .engine import (PREFILL_CHUNK, check_context_length, in_chunks, open_sessio
 from .experts import ExpertCache
 from .prefetch import AHEAD, Guesser, Prefetcher, PrefetchStats, load_routers
 from .errors import BudgetError, ConfigError
-from .memory import release_file_pages, return_freed_memory, status, trim_heap
+from .memory import release_file_pages, reset_peak, return_freed_memory, status, trim_heap
 
 
 def _load_expf():
@@ -113,6 +113,7 @@ class MemoryPlan:
     per_expert: int        # resident cost of one cached expert (measured)
     capacity: int          # experts the cache may hold
     read_ahead: int = 0    # experts the prefetcher builds ahead, and its read buffer
+    fused_need: int = 0    # what the fused graph (every expert, no eviction churn) needs: see _plan
 
     @property
     def minimum(self) -> int:
@@ -167,8 +168,11 @@ class MoEDecoder:
         g = m.graph
         shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
         self.kv = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in g.past_keys]
+        reset_peak()
         self.stages = [_Stage(st, str(bundle.path(st.file)), self.kv[i] if i < len(self.kv) else None)
                        for i, st in enumerate(self.moe.stages)]
+        now = status()
+        self._load_transient = max(0, now.get("VmHWM", 0) - now.get("VmRSS", 0))   # packing temporaries
         for path in self._data_files:
             release_file_pages(path)
         return_freed_memory()                  # evicted experts' memory goes back to the OS, not to a heap
@@ -233,7 +237,7 @@ class MoEDecoder:
         return int(free // (1.7 * blob))
 
     def _measure(self, bundle: Bundle) -> tuple[int, int, int, int]:
-        """(dense part, KV cache, resident cost of one cached expert, largest blob) in bytes."""
+        """(dense part, KV cache, measured resident cost of one expert, largest blob) in bytes."""
         base = status().get("VmRSS", 0)
         base_anon = status().get("RssAnon", 0)
         kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
@@ -245,10 +249,8 @@ class MoEDecoder:
             for rows in (PREFILL_CHUNK, 1):
                 sess.run([oo], {io: np.zeros((rows, self.hidden), np.float32)})
         anon = status().get("RssAnon", 0)
-        # 10% margin: SmolMoE int4 measures 2.4 MB here and settles near 2.3 MB per cached expert
-        # after thousands of evictions (with return_freed_memory; without it glibc kept ~25% more)
         blob = max(x.size for x in self.moe.experts)
-        per_expert = int(max(1.1 * (anon - base_anon) / n, blob))
+        per_expert = int((anon - base_anon) / n)
         probe.close()
         del probe
         # prompts (batches > 1) read the dense weights' file pages again (onnxruntime's batched int4
@@ -258,11 +260,20 @@ class MoEDecoder:
 
     def _plan(self, budget: int, policy: str, measured: tuple[int, int, int, int], *, slots: int) -> MemoryPlan:
         """Size the expert cache so that the whole process stays under `budget` bytes."""
-        base, kv, per_expert, blob = measured
+        base, kv, measured_expert, blob = measured
+        # 10% margin for the cache: SmolMoE int4 measures 2.0 MB per expert and creeps up as thousands
+        # of evictions fragment the heap (with return_freed_memory; without it glibc kept ~25% more)
+        per_expert = int(max(1.1 * measured_expert, blob))
         # room for experts that run once, and for those the prefetcher builds ahead (and its read buffer)
         read_ahead = slots * (per_expert + blob)
         free = budget - base - kv - HEADROOM - 2 * per_expert - read_ahead
-        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), read_ahead)
+        # the fused graph holds every expert once, prepacked as a session holds it, and never evicts;
+        # its load peaks above its steady RSS by about what the stages' load did (the tied head's
+        # packing: SmolMoE int4 22 MB, as SmolLM2's), so the larger of that and the headroom
+        # (SmolMoE int4: 758 MB against 786 MB for every expert in the cache; the fused graph peaks at
+        # 719 MB and runs at full speed down to a 740 MB cgroup)
+        fused = base + kv + max(HEADROOM, self._load_transient) + len(self.moe.experts) * max(measured_expert, blob)
+        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), read_ahead, fused)
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
             raise BudgetError(f"memory budget {budget / 2**20:.0f} MB is too small for this model at context "
                               f"{self.context_length}: it needs at least {plan.minimum / 2**20:.0f} MB "

@@ -256,6 +256,24 @@ def test_memory_budget_sizes_the_cache_and_names_the_minimum(tiny_bundle):
     assert tight.generate_ids(ids, max_new_tokens=12) == roomy.generate_ids(ids, max_new_tokens=12)
 
 
+def test_fused_graph_needs_no_cache_margin(tiny_bundle):
+    """The fused graph holds every expert once and never evicts: it needs the dense part, the KV cache,
+    every expert at its measured cost and the larger of the headroom and the load's packing peak, not
+    the cache's 10% fragmentation margin, so a budget a little short of caching every expert runs it."""
+    from edge.moe import HEADROOM, MoEDecoder
+    b = tiny_bundle("mixtral", "int4")
+    d = edge.load(b, threads=1, context_length=64, expert_capacity=2).decoder
+    assert isinstance(d, MoEDecoder)
+    n, MB = len(d.moe.experts), 2 ** 20
+    measured = (200 * MB, 8 * MB, 2 * MB, MB)                   # dense part, KV cache, one expert, largest blob
+    d._load_transient = 0
+    need = 200 * MB + 8 * MB + HEADROOM + n * 2 * MB
+    plan = d._plan(need, "lfu", measured, slots=0)
+    assert plan.fused_need == need and plan.capacity < n        # the cache would not hold them all
+    d._load_transient = HEADROOM + 30 * MB                      # a packing peak above the headroom counts
+    assert d._plan(need, "lfu", measured, slots=0).fused_need == need + 30 * MB
+
+
 def test_memory_budget_is_refused_for_dense_models(tiny_bundle):
     with pytest.raises(edge.ConfigError, match="Mixture-of-Experts"):
         edge.load(tiny_bundle("llama"), memory_budget="1GB")
