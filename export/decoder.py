@@ -193,7 +193,7 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
     # 4096 held-out tokens through transformers: perplexity 18.42 with gptq on q/k/v, 17.24 with mse
     # everywhere, 16.54 with gptq on everything but q/k/v; normalising each token's x before X^T X
     # gave 16.88). The manifest records mse for them. They are one projection at one precision: fused
-    # q|k|v rows [(NH + 2 KV) * D, H] (three reading the same x cost SmolMoE ~6% of decode speed).
+    # q|k|v rows [(NH + 2 KV) * D, H] (three reading the same x cost SmolMoE ~8% of decode speed).
     wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
     bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
     qkv = em.linear(x, wqkv, p + "qkv", _without_gptq(qkv_scheme), bqkv)
