@@ -4,9 +4,9 @@
 For each budget (the dense part + a fraction of the expert bytes + the runtime's fixed costs),
 the engine runs in a fresh process placed in a cgroup v1 memory group with
 memory.limit_in_bytes = budget (swap off). Reports decode tok/s, prompt tok/s, peak RSS, the
-cgroup's own peak (memory.max_usage_in_bytes, page cache included), whether it was OOM-killed,
-and for edge the expert hit rate, bytes read per token and greedy agreement with the
-unlimited run. Needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory.
+cgroup's own peak (memory.max_usage_in_bytes, page cache included), how the run ended (ok,
+OOM-killed, or still thrashing at the 900 s timeout), and for edge the expert hit rate, bytes read
+per token and greedy agreement with the unlimited run. Needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory.
 
     python tests/bench/moe_budget.py --edge BUNDLE [--llama Q4_0.gguf --peer-python PY]
         [--fractions 1.0 0.5 0.25] [--policy lfu] [--prefetch auto|on|off]
@@ -78,11 +78,14 @@ def in_cgroup(name: str, limit: int, argv: list[str], timeout: int) -> tuple[dic
         subprocess.run(["sync"])
         open("/proc/sys/vm/drop_caches", "w").write("3")     # every run starts with a cold page cache
         pre = f"echo $$ > {path}/cgroup.procs && exec \"$@\""
-        p = subprocess.run(["sh", "-c", pre, "sh", *argv], capture_output=True, text=True, timeout=timeout)
+        try:
+            p = subprocess.run(["sh", "-c", pre, "sh", *argv], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:        # thrashing, not killed: subprocess.run has killed it now
+            p = None
         facts = {"max_usage_mb": int(open(os.path.join(path, "memory.max_usage_in_bytes")).read()) / 2**20,
-                 "oom_kills": _oom_kills(path), "returncode": p.returncode}
-        out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else None
-        if out is None:
+                 "oom_kills": _oom_kills(path), "returncode": p.returncode if p else None, "timed_out": p is None}
+        out = json.loads(p.stdout.strip().splitlines()[-1]) if p and p.returncode == 0 and p.stdout.strip() else None
+        if out is None and p is not None:
             facts["stderr"] = p.stderr[-500:]
         return out, facts
     finally:
@@ -158,12 +161,13 @@ def main():
             row = dict(engine="llama.cpp", fraction=frac, budget_mb=budget / 2**20, **facts, **(res or {}))
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    print(f"\n{'engine':<10} {'experts':>7} {'budget MB':>9} {'cgroup peak':>11} {'killed':>6} {'decode tok/s':>12} "
+    print(f"\n{'engine':<10} {'experts':>7} {'budget MB':>9} {'cgroup peak':>11} {'ended':>8} {'decode tok/s':>12} "
           f"{'prompt tok/s':>12} {'hit rate':>8} {'MB read/tok':>11} {'same greedy':>11}")
     for r in rows:
-        ok = r.get("decode_tok_s") is not None
+        ended = ("ok" if r.get("decode_tok_s") is not None else "timeout" if r.get("timed_out")
+                 else "OOM" if r.get("oom_kills", 0) > 0 else "failed")
         print(f"{r['engine']:<10} {r['fraction']:>7.0%} {r['budget_mb']:>9.0f} {r['max_usage_mb']:>11.0f} "
-              f"{'yes' if not ok else 'no':>6} {r.get('decode_tok_s', 0):>12.1f} {r.get('prompt_tok_s', 0):>12.1f} "
+              f"{ended:>8} {r.get('decode_tok_s', 0):>12.1f} {r.get('prompt_tok_s', 0):>12.1f} "
               f"{r.get('hit_rate', float('nan')):>8.2f} {r.get('mb_read_per_token', float('nan')):>11.1f} "
               f"{str(r.get('same_tokens_as_first', '')):>11}")
     if a.json:
