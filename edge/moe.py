@@ -270,8 +270,8 @@ class MoEDecoder:
         # the fused graph holds every expert once, prepacked as a session holds it, and never evicts;
         # its load peaks above its steady RSS by about what the stages' load did (the tied head's
         # packing: SmolMoE int4 22 MB, as SmolLM2's), so the larger of that and the headroom
-        # (SmolMoE int4: 758 MB against 786 MB for every expert in the cache; the fused graph peaks at
-        # 719 MB and runs at full speed down to a 740 MB cgroup)
+        # (SmolMoE int4: 740 MB against 786 MB for every expert in the cache; the fused graph peaks at
+        # 715 MB and ran at 88-102 tok/s in cgroups of 742-760 MB)
         fused = base + kv + max(HEADROOM, self._load_transient) + len(self.moe.experts) * max(measured_expert, blob)
         plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), read_ahead, fused)
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
