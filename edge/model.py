@@ -218,7 +218,8 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
         memory for it is committed only as it fills.
     memory_budget: Mixture-of-Experts bundles: the most memory the whole process may use ("300MB",
         "1.5GB" or bytes); the expert cache is sized from what is left after the dense part and the
-        KV cache. A budget that cannot hold the model raises BudgetError naming the minimum.
+        KV cache. A budget that cannot hold the model raises BudgetError naming the minimum. On Linux
+        the load restarts the process's peak RSS (VmHWM) to measure its own packing peak.
     expert_capacity: instead of a budget, how many experts stay resident at once (default: all,
         loaded as the router first picks them).
     expert_policy: "lfu" (frequency-aware, across layers; default) or "lru" (the baseline).

@@ -112,8 +112,8 @@ class MemoryPlan:
     headroom: int
     per_expert: int        # resident cost of one cached expert (measured)
     capacity: int          # experts the cache may hold
+    fused_need: int        # what the fused graph (every expert, no eviction churn) needs: see _plan
     read_ahead: int = 0    # experts the prefetcher builds ahead, and its read buffer
-    fused_need: int = 0    # what the fused graph (every expert, no eviction churn) needs: see _plan
 
     @property
     def minimum(self) -> int:
@@ -168,11 +168,13 @@ class MoEDecoder:
         g = m.graph
         shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
         self.kv = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in g.past_keys]
-        reset_peak()
+        # under a budget, the stages' packing peak above their steady RSS (_plan reserves it for the fused
+        # graph): VmHWM restarts here, as load() says; 0 where it cannot, and the headroom covers it
+        watch = budget is not None and reset_peak()
         self.stages = [_Stage(st, str(bundle.path(st.file)), self.kv[i] if i < len(self.kv) else None)
                        for i, st in enumerate(self.moe.stages)]
         now = status()
-        self._load_transient = max(0, now.get("VmHWM", 0) - now.get("VmRSS", 0))   # packing temporaries
+        self._load_transient = max(0, now.get("VmHWM", 0) - now.get("VmRSS", 0)) if watch else 0
         for path in self._data_files:
             release_file_pages(path)
         return_freed_memory()                  # evicted experts' memory goes back to the OS, not to a heap
@@ -273,7 +275,7 @@ class MoEDecoder:
         # (SmolMoE int4: 740 MB against 786 MB for every expert in the cache; the fused graph peaks at
         # 715 MB and ran at 88-102 tok/s in cgroups of 742-760 MB)
         fused = base + kv + max(HEADROOM, self._load_transient) + len(self.moe.experts) * max(measured_expert, blob)
-        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), read_ahead, fused)
+        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), fused, read_ahead)
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
             raise BudgetError(f"memory budget {budget / 2**20:.0f} MB is too small for this model at context "
                               f"{self.context_length}: it needs at least {plan.minimum / 2**20:.0f} MB "
