@@ -7,7 +7,7 @@ import pytest
 
 import edge
 from edge.errors import BundleError
-from edge.moe import route
+from edge.moe import route, route_one
 
 
 def test_routing_matches_mixtral():
@@ -19,6 +19,26 @@ def test_routing_matches_mixtral():
     _, w_raw = route(logits, 2, False)
     np.testing.assert_allclose(w_raw[0], p[[1, 3]], rtol=1e-6)
 
+
+
+def test_decode_routing_equals_route_to_the_bit():
+    """route_one (decode's plain-Python path, float32 steps done in float64 and rounded) gives route's
+    ids and weights exactly: ties, flat and peaked logits, k of 1..8, renormalised or not."""
+    rng = np.random.default_rng(0)
+    for n in range(4000):
+        e = (4, 8, 60, 64)[n % 4]
+        k = min(e, (1, 2, 4, 8)[n // 4 % 4])
+        row = (rng.standard_normal(e) * rng.choice([1e-3, 1, 10, 60])).astype(np.float32)
+        if n % 3 == 0:
+            row[rng.integers(e)] = row[rng.integers(e)]                     # a tie
+        if n % 5 == 0:
+            row = np.round(row)                                             # many ties
+        for normalize in (True, False):
+            ids, w = route(row[None], k, normalize)
+            ids1, w1 = route_one(row, k, normalize)
+            assert ids1 == ids[0].tolist()
+            assert all(type(x) is np.float32 for x in w1)
+            assert np.array_equal(np.array(w1, np.float32), w[0]), (row, k, normalize)
 
 def test_staged_experts_add_up_as_qmoe_does(tmp_path):
     """One layer, 8 int4 experts whose outputs are not negligible next to a residual stream (in the tiny
