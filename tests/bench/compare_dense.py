@@ -74,8 +74,9 @@ def worker_llama(path, ids, gen, threads):
     import numpy as np
     from llama_cpp import Llama
     t0 = time.perf_counter()
+    # n_batch: llm.scores keeps n_batch rows unless logits_all, and is indexed by position below
     llm = Llama(model_path=path, n_ctx=len(ids) + gen, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False)
+                n_batch=max(512, len(ids) + gen), verbose=False)
     load_s = time.perf_counter() - t0
 
     def once(n):
