@@ -37,7 +37,7 @@ MS = "com.microsoft"
 @dataclass(frozen=True)
 class QuantPolicy:
     """Which scheme each kind of weight gets (None = fp32)."""
-    attention: QuantScheme | None          # o projection (and q, k, v unless attention_qkv differs)
+    attention: QuantScheme | None          # o projection (q, k, v: attention_qkv, which defaults to it; int8 in an int4 MoE)
     mlp: QuantScheme | None                # dense (and shared-expert) gate|up
     mlp_down: QuantScheme | None           # dense (and shared-expert) down
     experts: QuantScheme | None            # routed experts' gate|up
@@ -175,7 +175,7 @@ def _without_gptq(scheme: QuantScheme | None) -> QuantScheme | None:
 
 
 def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarray], i: int, h: str,
-              residual: str | None, step: StepInputs, scheme: QuantScheme | None,
+              residual: str | None, step: StepInputs, o_scheme: QuantScheme | None,
               qkv_scheme: QuantScheme | None) -> tuple[str, str, tuple[str, ...]]:
     """Layer i up to its MLP: input norm -> attention (KV in place) -> post-attention norm.
     Returns (x for the MLP, the residual stream, (past_key, past_value, present_key, present_value))."""
@@ -198,8 +198,7 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
     bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
     qkv = em.linear(x, wqkv, p + "qkv", _without_gptq(qkv_scheme), bqkv)
     del wqkv
-    split = bool(s.qk_norm)
-    if split:
+    if s.qk_norm:
         q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
                        3, name=p + "qkv_split", axis=-1)
         if s.qk_norm == "head":
@@ -221,7 +220,7 @@ def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np
         attrs["local_window_size"] = s.sliding_window
     attn = g.op("GroupQueryAttention", attn_in + [kv[0], kv[1], step.seqlens_k, step.total, step.cos, step.sin], 3,
                 name=p + "attn", outputs=[g.fresh(p + "attn/out"), kv[2], kv[3]], domain=MS, **attrs)[0]
-    o = em.linear(attn, w("o"), p + "o", scheme, b("o"))
+    o = em.linear(attn, w("o"), p + "o", o_scheme, b("o"))
     x, residual = _skip_rms(g, o, residual, em.plain(p + "post_norm", w("post_norm")), s.norm_eps, p + "post_norm")
     return x, residual, kv
 
