@@ -105,14 +105,22 @@ def test_scales_are_stored_in_fp16_and_exact(tiny_bundle):
     assert any(n.op_type == "Cast" and n.input[0] == "layers.0.o.scales" for n in g.node)
 
 
-def test_int4_moe_keeps_qkv_in_int8(tiny_bundle):
-    """k and v in int8 as llama.cpp's Q4_0 does for MoE models, q with them (one fused projection); a
-    dense int4 export keeps one fused int4 qkv."""
+def test_int4_moe_defaults(tiny_bundle):
+    """An int4 MoE keeps attention in int8 (q|k|v one fused projection, and o) and its experts in int4
+    at block 64 where 64 divides both depths (tiny qwen3_moe: 64 and 64), else at 32 (tiny mixtral's
+    expert FFN is 96); a dense int4 export keeps one fused int4 qkv at block 32. --block-size wins."""
     from edge.bundle import open_bundle
-    moe = {t.name: t.dtype for t in open_bundle(tiny_bundle("mixtral", "int4")).manifest.tensors}
-    assert moe["layers.0.qkv"] == "int8" and moe["layers.0.o"] == moe["layers.1.o"] == "int4"
-    dense = {t.name: t.dtype for t in open_bundle(tiny_bundle("llama", "int4")).manifest.tensors}
-    assert dense["layers.0.qkv"] == "int4"
+
+    def tensors(*args, **kw):
+        return {t.name: (t.dtype, t.block_size) for t in open_bundle(tiny_bundle(*args, **kw)).manifest.tensors}
+    moe = tensors("mixtral", "int4")
+    assert moe["layers.0.qkv"] == moe["layers.0.o"] == moe["layers.1.o"] == ("int8", 32)
+    assert moe["layers.0.experts.0.gate_up"] == moe["layers.1.experts.3.down"] == ("int4", 32)
+    wide = tensors("qwen3_moe", "int4")
+    assert wide["layers.0.o"] == ("int8", 32)
+    assert wide["layers.0.experts.0.gate_up"] == wide["layers.1.experts.3.down"] == ("int4", 64)
+    assert tensors("qwen3_moe", "int4", block_size=32)["layers.0.experts.0.gate_up"] == ("int4", 32)
+    assert tensors("llama", "int4")["layers.0.qkv"] == ("int4", 32)
 
 
 def _correlated_inputs(rng, t: int, k: int) -> np.ndarray:
