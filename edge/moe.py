@@ -303,8 +303,8 @@ class MoEDecoder:
         # the fused graph holds every expert once, prepacked as a session holds it, and never evicts;
         # its load peaks above its steady RSS by about what the stages' load did (the tied head's
         # packing: SmolMoE int4 22 MB, as SmolLM2's), so the larger of that and the headroom
-        # (SmolMoE int4: 740 MB against 786 MB for every expert in the cache; the fused graph peaks at
-        # 715 MB and ran at 88-102 tok/s in cgroups of 742-760 MB)
+        # (SmolMoE int4 at context 256: 672 MB against 710 MB for every expert in the cache; the fused
+        # graph peaks at 616 MB RSS and ran at 116 tok/s in a cgroup of 672 MB)
         fused = base + kv + max(HEADROOM, self._load_transient) + len(self.moe.experts) * max(measured_expert, blob)
         plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), fused, read_ahead)
         if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):

@@ -37,7 +37,7 @@ MS = "com.microsoft"
 @dataclass(frozen=True)
 class QuantPolicy:
     """Which scheme each kind of weight gets (None = fp32)."""
-    attention: QuantScheme | None          # o projection (q, k, v: attention_qkv, which defaults to it; int8 in an int4 MoE)
+    attention: QuantScheme | None          # o projection (q, k, v: attention_qkv, which defaults to it); int8 in an int4 MoE
     mlp: QuantScheme | None                # dense (and shared-expert) gate|up
     mlp_down: QuantScheme | None           # dense (and shared-expert) down
     experts: QuantScheme | None            # routed experts' gate|up
