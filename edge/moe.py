@@ -294,7 +294,7 @@ class MoEDecoder:
     def _plan(self, budget: int, policy: str, measured: tuple[int, int, int, int], *, slots: int) -> MemoryPlan:
         """Size the expert cache so that the whole process stays under `budget` bytes."""
         base, kv, measured_expert, blob = measured
-        # 10% margin for the cache: SmolMoE int4 measures 2.0 MB per expert and creeps up as thousands
+        # 10% margin for the cache: SmolMoE int4 measures 1.56 MB per expert and creeps up as thousands
         # of evictions fragment the heap (with return_freed_memory; without it glibc kept ~25% more)
         per_expert = int(max(1.1 * measured_expert, blob))
         # room for experts that run once, and for those the prefetcher builds ahead (and its read buffer)
