@@ -51,7 +51,7 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
            quant: Optional[str] = typer.Option(None, help="fp32 | int8 | int4 for the linear layers (default: int4, "
                                                "or chosen for --device)."),
            block_size: Optional[int] = typer.Option(None, help="Quantization block size: 16, 32, 64, 128, 256 "
-                                                    "(default 16 for int8, 32 for int4)."),
+                                                    "(default 16 for int8, 32 for int4, 64 for an int4 MoE's experts)."),
            device: Optional[str] = typer.Option(None, "--device", help="Choose quantization defaults for a device "
                                                 "profile (see `edge devices list`)."),
            asymmetric: bool = typer.Option(False, "--asymmetric", help="Use zero points (asymmetric quantization)."),
@@ -78,13 +78,12 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
         from export import ExportOptions, export_model
     except ImportError as e:
         raise EdgeError(f"the exporter needs extra packages ({e.name} is missing): pip install 'edge[export]'") from None
-    if device and (quant is None or block_size is None):
+    if device and quant is None:
         from export.for_device import device_defaults
         from export.sources import open_source
         from .cli_devices import resolve_device
-        q, bs, why = device_defaults(open_source(src).config, resolve_device(device))
-        quant, block_size = quant or q, block_size or bs
-        print(f"[{why}; block size {block_size}]", file=sys.stderr)
+        quant, why = device_defaults(open_source(src).config, resolve_device(device))
+        print(f"[{why}]", file=sys.stderr)
     quant, block_size = quant or "int4", block_size or 0
     opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, method=method,
                          embed_quant=embed_quant, lm_head_quant=lm_head_quant, quant_policy=quant_policy,

@@ -4,9 +4,9 @@
     int8  if they fill at most half of the device's usable RAM (the better quality, and room is left
           for the KV cache, the runtime and the rest of the robot's software)
     int4  otherwise (for MoE models also halves the bytes read per expert-cache miss)
-    block 32 for both: the most accurate size, and as fast as 64/128 in onnxruntime's int4 kernels here
 
-An explicit --quant or --block-size wins over these.
+Block sizes are the exporter's defaults for that quantization (ExportOptions.policy: int8 16, int4
+32, an int4 MoE's experts 64). An explicit --quant or --block-size wins over these.
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def estimate_parameters(arch) -> int:
     return attention * s.num_layers + mlp + embed
 
 
-def device_defaults(config: dict, device: Device) -> tuple[str, int, str]:
-    """(quant, block_size, why) for a checkpoint config on `device`."""
+def device_defaults(config: dict, device: Device) -> tuple[str, str]:
+    """(quant, why) for a checkpoint config on `device`."""
     n = estimate_parameters(describe(config))
     int8_mb = n / 2**20
     if int8_mb <= device.usable_mb / 2:
-        return "int8", 16, f"{n / 1e6:.0f}M parameters at int8 ({int8_mb:.0f} MB) fit in half of {device.name}'s {device.usable_mb} MB"
-    return "int4", 32, (f"{n / 1e6:.0f}M parameters at int8 ({int8_mb:.0f} MB) would take more than half of "
+        return "int8", f"{n / 1e6:.0f}M parameters at int8 ({int8_mb:.0f} MB) fit in half of {device.name}'s {device.usable_mb} MB"
+    return "int4", (f"{n / 1e6:.0f}M parameters at int8 ({int8_mb:.0f} MB) would take more than half of "
                         f"{device.name}'s {device.usable_mb} MB: int4")

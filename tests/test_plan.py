@@ -70,3 +70,18 @@ def test_run_emulated_moe_matches_the_unlimited_run(tiny_bundle):
     r = edge_cli("run", b, "hello there", "-n", "6", "--temperature", "0", "--emulate", "raspberry-pi-4:1gb")
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.stdout and "0 OOM kills" in r.stderr and "CPU speed is not emulated" in r.stderr
+
+
+def test_export_for_a_device_keeps_the_exporter_block_sizes(tiny_checkpoint, workdir):
+    """--device picks the quantization; block sizes stay the exporter's defaults for it (an explicit
+    --quant int4 once took the block size the device had chosen for int8, 16)."""
+    src = tiny_checkpoint("qwen3_moe")
+    r = edge_cli("export", src, "-o", workdir / "dev-auto", "--device", "raspberry-pi-4:1gb")
+    assert r.returncode == 0, r.stderr
+    assert "fit in half" in r.stderr
+    auto = {t.name: (t.dtype, t.block_size) for t in open_bundle(workdir / "dev-auto").manifest.tensors}
+    assert auto["layers.0.qkv"] == auto["layers.0.experts.0.gate_up"] == ("int8", 16)
+    r = edge_cli("export", src, "-o", workdir / "dev-int4", "--device", "raspberry-pi-4:1gb", "--quant", "int4")
+    assert r.returncode == 0, r.stderr
+    forced = {t.name: (t.dtype, t.block_size) for t in open_bundle(workdir / "dev-int4").manifest.tensors}
+    assert forced["layers.0.o"] == ("int8", 32) and forced["layers.0.experts.0.gate_up"] == ("int4", 64)
