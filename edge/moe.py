@@ -14,7 +14,7 @@ import onnxruntime as ort
 from .bundle import Bundle
 from .engine import (PREFILL_CHUNK, check_context_length, in_chunks, open_session, pooled_options, step_ids,
                      use_global_pool)
-from .experts import ExpertCache
+from .experts import ExpertCache, packed_factor
 from .prefetch import AHEAD, Guesser, Prefetcher, PrefetchStats, load_routers
 from .errors import BudgetError, ConfigError
 from .memory import release_file_pages, reset_peak, return_freed_memory, status, trim_heap
@@ -132,6 +132,7 @@ class _Stage:
 
 
 HEADROOM = 48 << 20       # activations, onnxruntime arenas, Python: measured peaks stay well inside
+CACHE_MARGIN = 1.1        # per cached expert over its measured cost (see _plan)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class MoEDecoder:
         if threads < 2 or prefetch is False:
             prefetch = False
         else:
-            guess = expert_capacity if budget is None else self._rough_capacity(m.graph, budget, context_length)
+            guess = expert_capacity if budget is None else self._rough_capacity(m, budget, context_length)
             prefetch = guess is not None and guess < (n_all / 2 if prefetch is None else n_all)
         use_global_pool(threads - 1 if prefetch else threads)
         g = m.graph
@@ -261,13 +262,15 @@ class MoEDecoder:
         self._vstep = {"seqlens_k": ov(self._seqlens), "total_sequence_length": ov(self._total)}
         self._vids, self._vpos = ov(self._ids1), ov(self._pos1)
 
-    def _rough_capacity(self, g, budget: int, context_length: int) -> int:
+    def _rough_capacity(self, m, budget: int, context_length: int) -> int:
         """Experts the budget will about hold, before anything is loaded (the plan measures it later):
-        the dense weights count twice (sessions, and file pages a prompt reads), an expert ~1.7x its blob."""
+        the dense weights count twice (sessions, and file pages a prompt reads), an expert as packed_factor
+        estimates it with the cache's 10% margin."""
+        g = m.graph
         blob = max(x.size for x in self.moe.experts)
         kv = 2 * len(g.past_keys) * g.kv_num_heads * context_length * g.kv_head_dim * 4
         free = budget - status().get("VmRSS", 0) - 2 * self._data_bytes - kv - HEADROOM
-        return int(free // (1.7 * blob))
+        return int(free // (CACHE_MARGIN * packed_factor(m) * blob))
 
     def _measure(self, bundle: Bundle) -> tuple[int, int, int, int]:
         """(dense part, KV cache, measured resident cost of one expert, largest blob) in bytes."""
@@ -296,7 +299,7 @@ class MoEDecoder:
         base, kv, measured_expert, blob = measured
         # 10% margin for the cache: SmolMoE int4 measures 1.56 MB per expert and creeps up as thousands
         # of evictions fragment the heap (with return_freed_memory; without it glibc kept ~25% more)
-        per_expert = int(max(1.1 * measured_expert, blob))
+        per_expert = int(max(CACHE_MARGIN * measured_expert, blob))
         # room for experts that run once, and for those the prefetcher builds ahead (and its read buffer)
         read_ahead = slots * (per_expert + blob)
         free = budget - base - kv - HEADROOM - 2 * per_expert - read_ahead

@@ -3,7 +3,7 @@
 Estimated from the manifest alone (no model is loaded, so it works for a target board from the dev
 machine). The resident costs below were measured on x86-64 with onnxruntime 1.32 (SmolMoE-8x135M
 int4: dense part 140 MB for 66 MB of stage weights, plus those 66 MB of file pages again while a
-prompt runs, 2.5 MB per cached expert for 1.6 MB blobs);
+prompt runs; a cached expert as edge.experts.packed_factor estimates it, with the runtime's margin);
 ARM kernels pack differently, so treat them as estimates. At run time the MoE budget planner
 (edge/moe.py) measures the real costs on the device and sizes the expert cache so that the budget
 holds whatever these estimates said.
@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from .devices import Device
 from .errors import BudgetError
 from .manifest import Manifest
-from .moe import HEADROOM                # activations and arenas, as the runtime planner reserves
+from .experts import packed_factor
+from .moe import CACHE_MARGIN, HEADROOM  # as the runtime planner reserves
 
 RUNTIME_MB = 56              # python + onnxruntime + numpy + tokenizers, imported (VmRSS)
 DENSE_FACTOR = 1.1           # resident bytes per byte of dense (stage) weights after prepacking
 TOKENIZER_FACTOR = 4.0       # the tokenizers library's memory per byte of tokenizer.json
-EXPERT_FACTOR = 1.6          # resident bytes per byte of an expert blob (int4 is repacked on load)
 REF_GB_S = 21.0              # reference host: weight bytes streamed per second of decode (SmolMoE int4:
                              # 165 MB of active weights per token at ~130 tok/s)
 MiB = 2 ** 20
@@ -78,7 +78,8 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
     tok = sizes.get(m.tokenizer.file, 0)
     # prepacked weights + the file pages of the same weights that prompts read again (edge/moe.py)
     dense = RUNTIME_MB * MiB + (DENSE_FACTOR + 1.0) * weights + TOKENIZER_FACTOR * tok
-    per_expert = EXPERT_FACTOR * max((x.size for x in moe.experts), default=0) if moe else 0.0
+    factor = CACHE_MARGIN * packed_factor(m) if moe else 1.0     # resident bytes per byte of an expert blob
+    per_expert = factor * max((x.size for x in moe.experts), default=0) if moe else 0.0
     n_experts = len(moe.experts) if moe else 0
     fixed = dense + kv + HEADROOM
     need_all = fixed + per_expert * n_experts
@@ -96,7 +97,7 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
                      f"{device.storage_kind} at ~{device.storage_read_mb_s:.0f} MB/s")
     big = max(device.clusters, key=lambda c: (c.ghz, c.count)) if device.clusters else None
     threads = big.count if big else device.cores
-    speed = _speed(m, device, weights, per_expert / EXPERT_FACTOR if moe else 0, cached, n_experts)
+    speed = _speed(m, device, weights, per_expert / factor if moe else 0, cached, n_experts)
     if speed is None:
         notes.append("no decode estimate: the device has no decode_speed_estimate")
     notes.append("estimates: resident costs were measured on x86-64; the runtime measures them again on the device")

@@ -21,7 +21,7 @@ def edge_cli(*args):
 def test_plan_sizes_the_expert_cache_to_the_device(tiny_bundle, monkeypatch):
     import math
     import edge.plan
-    monkeypatch.setattr(edge.plan, "EXPERT_FACTOR", 2000.0)          # tiny experts made MB-sized
+    monkeypatch.setattr(edge.plan, "CACHE_MARGIN", 2000.0)           # tiny experts made MB-sized
     m = open_bundle(tiny_bundle("mixtral", "int4")).manifest
     big = plan(m, get("raspberry-pi-5:8gb"), context=64)
     assert big.experts_cached == big.experts_total and big.budget_mb == big.need_all_mb
@@ -85,3 +85,12 @@ def test_export_for_a_device_keeps_the_exporter_block_sizes(tiny_checkpoint, wor
     assert r.returncode == 0, r.stderr
     forced = {t.name: (t.dtype, t.block_size) for t in open_bundle(workdir / "dev-int4").manifest.tensors}
     assert forced["layers.0.o"] == ("int8", 32) and forced["layers.0.experts.0.gate_up"] == ("int4", 64)
+
+
+def test_expert_packing_estimate_follows_the_quantization(tiny_bundle):
+    """onnxruntime keeps each block of codes with an fp32 scale and an fp32 block sum; the blob has the
+    codes and an fp16 scale: int4 at block 32 is 1.33x the blob, at 64 1.18x, fp32 experts 1x."""
+    from edge.experts import packed_factor
+    assert packed_factor(open_bundle(tiny_bundle("mixtral", "int4")).manifest) == pytest.approx(0.75 / 0.5625)
+    assert packed_factor(open_bundle(tiny_bundle("qwen3_moe", "int4")).manifest) == pytest.approx(0.625 / 0.53125)
+    assert packed_factor(open_bundle(tiny_bundle("mixtral", "fp32")).manifest) == 1.0
