@@ -66,7 +66,7 @@ class ExportOptions:
         per cached expert instead of 1.91). SmolMoE, 20k held-out tokens, perplexity over fp32: +11.0%
         at 4.59 bits/weight, against +10.0% at 4.77 with experts at block 32 and o in int4 (the previous
         default) and llama.cpp Q4_0's +11.2% at 4.71; experts at block 64 with o in int4: +12.0%.
-        Decode against the previous default: 1.06-1.09x (medians of per-round ratios,
+        Decode against the previous default: 1.06-1.10x (medians of per-round ratios,
         tests/bench/compare_dense.py and tests/bench/lockstep.py). `attention_qkv=int4` is faster and
         worse (+18.0% in the README's table)."""
         def scheme(q: str) -> QuantScheme | None:
