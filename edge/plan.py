@@ -78,8 +78,8 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
     tok = sizes.get(m.tokenizer.file, 0)
     # prepacked weights + the file pages of the same weights that prompts read again (edge/moe.py)
     dense = RUNTIME_MB * MiB + (DENSE_FACTOR + 1.0) * weights + TOKENIZER_FACTOR * tok
-    factor = CACHE_MARGIN * packed_factor(m) if moe else 1.0     # resident bytes per byte of an expert blob
-    per_expert = factor * max((x.size for x in moe.experts), default=0) if moe else 0.0
+    blob = max((x.size for x in moe.experts), default=0) if moe else 0
+    per_expert = CACHE_MARGIN * packed_factor(m) * blob if moe else 0.0
     n_experts = len(moe.experts) if moe else 0
     fixed = dense + kv + HEADROOM
     need_all = fixed + per_expert * n_experts
@@ -97,7 +97,7 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
                      f"{device.storage_kind} at ~{device.storage_read_mb_s:.0f} MB/s")
     big = max(device.clusters, key=lambda c: (c.ghz, c.count)) if device.clusters else None
     threads = big.count if big else device.cores
-    speed = _speed(m, device, weights, per_expert / factor if moe else 0, cached, n_experts)
+    speed = _speed(m, device, weights, blob, cached, n_experts)
     if speed is None:
         notes.append("no decode estimate: the device has no decode_speed_estimate")
     notes.append("estimates: resident costs were measured on x86-64; the runtime measures them again on the device")

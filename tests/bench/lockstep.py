@@ -89,26 +89,25 @@ def main():
     context = a.prompt_tokens + (a.warmup + a.turns) * a.turn + 1
     engines = [(f"edge:{os.path.basename(p.rstrip('/'))}", "edge", p, sys.executable) for p in a.edge]
     engines += [(f"llama:{os.path.basename(p)}", "llama", p, a.peer_python) for p in a.llama]
-    procs = []
+    procs = {}
     for name, kind, path, py in engines:               # loaded one after the other, then all wait
-        p = subprocess.Popen([py, HERE, "--worker", kind, path, "--ids", ",".join(map(str, ids)),
+        p = procs[name] = subprocess.Popen([py, HERE, "--worker", kind, path, "--ids", ",".join(map(str, ids)),
                               "--context", str(context), "--threads", str(a.threads)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if p.stdout.readline().strip() != "ready":
             raise SystemExit(f"{name} worker failed to start")
-        procs.append(p)
     secs = {name: [] for name, *_ in engines}
     for rnd in range(a.warmup + a.turns):
         order = engines if rnd % 2 == 0 else engines[::-1]           # neither always goes first
         for name, *_ in order:
-            p = procs[[e[0] for e in engines].index(name)]
+            p = procs[name]
             time.sleep(a.gap)
             p.stdin.write(f"{a.turn}\n")
             p.stdin.flush()
             s = float(p.stdout.readline())
             if rnd >= a.warmup:
                 secs[name].append(s)
-    for p in procs:
+    for p in procs.values():
         p.stdin.close()
         p.wait()
     ref = engines[0][0]
@@ -120,7 +119,7 @@ def main():
         tok_s = a.turns * a.turn / sum(secs[name])
         per = [r / s for r, s in zip(secs[ref], secs[name])]        # >1: this engine is faster than the first
         rows[name] = dict(decode_tok_s=tok_s, per_round=per, seconds=secs[name])
-        print(f"{name:<36} {tok_s:>12.1f} {tok_s / (a.turns * a.turn / sum(secs[ref])):>14.3f} "
+        print(f"{name:<36} {tok_s:>12.1f} {sum(secs[ref]) / sum(secs[name]):>14.3f} "
               f"{statistics.median(per):>24.3f} {f'[{min(per):.2f}, {max(per):.2f}]':>14}")
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
