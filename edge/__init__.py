@@ -6,9 +6,11 @@
 """
 __version__ = "0.1.0"
 
-from .errors import BudgetError, BundleError, ConfigError, ContextError, EdgeError, UnsupportedError  # noqa: E402
-from .model import Model, load  # noqa: E402
+from .errors import (BudgetError, BundleError, ConfigError, ContextError, EdgeError, StoreError,  # noqa: E402
+                     UnsupportedError)
+from .model import Model, load, prepare  # noqa: E402
+from .moe import process_budget  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 
-__all__ = ["load", "Model", "SamplingParams", "EdgeError", "BudgetError", "BundleError", "ConfigError", "ContextError",
-           "UnsupportedError", "__version__"]
+__all__ = ["load", "prepare", "process_budget", "Model", "SamplingParams", "EdgeError", "BudgetError", "BundleError",
+           "ConfigError", "ContextError", "StoreError", "UnsupportedError", "__version__"]

@@ -67,10 +67,11 @@ def run_once(model: Model, ids: list[int], gen: int) -> tuple[float, float]:
 
 
 def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 128,
-          repeat: int = 3, memory_budget=None, expert_policy: str = "lfu", prefetch: bool | None = None) -> BenchResult:
+          repeat: int = 3, memory_budget=None, expert_policy: str = "lfu", prefetch: bool | None = None,
+          expert_store=None, expert_slots: bool = True) -> BenchResult:
     t0 = time.perf_counter()
     model = load(path, threads=threads, context_length=prompt_tokens + gen_tokens, memory_budget=memory_budget,
-                 expert_policy=expert_policy, prefetch=prefetch)
+                 expert_policy=expert_policy, prefetch=prefetch, expert_store=expert_store, expert_slots=expert_slots)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(model, prompt_tokens)
     run_once(model, ids, min(gen_tokens, 8))           # warm-up
@@ -89,10 +90,12 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
         waited = g.waited_s - g0.waited_s if pf else 0.0
         # per generated token; the prompts' misses are included (each run is prompt + generation)
         experts = dict(capacity=cache.capacity, total=len(cache.entries), policy=cache.policy,
+                       path="slots (a miss is one read)" if type(cache).__name__ == "SlotCache"
+                       else "a session built per miss",
                        hit_rate=hits / max(1, hits + misses), mb_read_per_token=read / 2**20 / n,
                        read_ms_per_token=1e3 * (s.read_s - before.read_s) / n,
                        build_ms_per_token=1e3 * (s.build_s - before.build_s) / n,
-                       wait_ms_per_token=1e3 * waited / n,         # for experts being read or built ahead
+                       wait_ms_per_token=1e3 * waited / n,         # for experts being read (or built) ahead
                        stall_ms_per_token=1e3 * (s.read_s + s.build_s - before.read_s - before.build_s + waited) / n)
         if g:
             tp, guessed, used = g.correct - g0.correct, g.guessed - g0.guessed, g.used - g0.used
@@ -101,7 +104,8 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
                            prefetch_served=g.served - g0.served, prefetch_wasted=g.wasted - g0.wasted)
     elif model.manifest.moe is not None:           # every expert resident, in the fused graph
         n = len(model.manifest.moe.experts)
-        experts = dict(capacity=n, total=n, policy="all resident (fused graph)", hit_rate=1.0, mb_read_per_token=0.0,
+        experts = dict(capacity=n, total=n, policy="all resident (fused graph)", path="fused graph", hit_rate=1.0,
+                       mb_read_per_token=0.0,
                        read_ms_per_token=0.0, build_ms_per_token=0.0, wait_ms_per_token=0.0, stall_ms_per_token=0.0)
     ttft = statistics.median(r[0] for r in runs)
     dec = statistics.median(r[1] for r in runs)

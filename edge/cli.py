@@ -37,8 +37,12 @@ _SEED = typer.Option(None, help="Seed for sampling.")
 _STOP = typer.Option(None, "--stop", help="Stop string (repeatable).")
 _THREADS = typer.Option(None, help="CPU threads (default: all available cores).")
 _CTX = typer.Option(None, "--context", help="Context window in tokens (default: min(model max, 4096)).")
-_BUDGET = typer.Option(None, "--memory-budget", help="MoE models: most memory the process may use, e.g. 300MB.")
+_BUDGET = typer.Option(None, "--memory-budget", help="MoE models: most memory the whole process may use, e.g. 300MB.")
 _POLICY = typer.Option("lfu", "--expert-policy", help="MoE models: expert cache policy, lfu or lru.")
+_STORE = typer.Option(None, "--store", help="MoE models: folder of the packed expert store (default: BUNDLE/packed, "
+                      "or ~/.cache/edge/packed/... when the bundle is read-only); see `edge prepare`.")
+_SLOTS = typer.Option(True, "--expert-slots/--no-expert-slots", help="MoE models under a budget: expert slots (a "
+                      "miss is one read; default) or a session built per miss (the slower path, for comparison).")
 _DEVICE = typer.Option(None, "--device", help="Plan threads, context and memory budget for a device profile "
                        "(see `edge devices list`), or 'host'.")
 _EMULATE = typer.Option(None, "--emulate", help="Run inside cgroups shaped like this device (RAM, storage "
@@ -116,7 +120,8 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
         top_k: Optional[int] = _TOPK, top_p: Optional[float] = _TOPP, min_p: Optional[float] = _MINP,
         repetition_penalty: Optional[float] = _REP, seed: Optional[int] = _SEED, stop: Optional[List[str]] = _STOP,
         threads: Optional[int] = _THREADS, context: Optional[int] = _CTX, memory_budget: Optional[str] = _BUDGET,
-        expert_policy: str = _POLICY, device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
+        expert_policy: str = _POLICY, store: Optional[str] = _STORE, expert_slots: bool = _SLOTS,
+        device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
         stats: bool = typer.Option(False, "--stats", help="Print speed after the text.")):
     """Generate from a prompt, streaming to the terminal."""
@@ -126,8 +131,8 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
     if device:
         threads, context, memory_budget = apply_device(bundle, device, threads=threads, context=context,
                                                        memory_budget=memory_budget)
-    model = load(bundle, threads=threads, context_length=context, memory_budget=memory_budget,
-                 expert_policy=expert_policy)
+    model = load(bundle, threads=threads, context_length=context, memory_budget=_process(memory_budget),
+                 expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     pieces = model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if chat else model.stream(prompt, **kw)
     for piece in pieces:
@@ -145,11 +150,12 @@ def chat(bundle: str, system: Optional[str] = typer.Option(None, help="System pr
          max_new_tokens: int = _MAX, temperature: Optional[float] = _TEMP, top_k: Optional[int] = _TOPK,
          top_p: Optional[float] = _TOPP, min_p: Optional[float] = _MINP, repetition_penalty: Optional[float] = _REP,
          seed: Optional[int] = _SEED, threads: Optional[int] = _THREADS, context: Optional[int] = _CTX,
-         memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY):
+         memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY, store: Optional[str] = _STORE,
+         expert_slots: bool = _SLOTS):
     """Interactive chat. Empty line or Ctrl-D ends; /reset forgets the conversation."""
     from .model import load
-    model = load(bundle, threads=threads, context_length=context, memory_budget=memory_budget,
-                 expert_policy=expert_policy)
+    model = load(bundle, threads=threads, context_length=context, memory_budget=_process(memory_budget),
+                 expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     history = [{"role": "system", "content": system}] if system else []
     while True:
@@ -181,8 +187,8 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
           prompt_tokens: int = typer.Option(128, help="Prompt length."),
           gen_tokens: int = typer.Option(128, help="Tokens to decode."),
           repeat: int = typer.Option(3, help="Timed runs (median reported) after one warm-up."),
-          memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY,
-          device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
+          memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY, store: Optional[str] = _STORE,
+          expert_slots: bool = _SLOTS, device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
           prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="MoE under a budget: read "
                                                   "and build the experts the next layers will likely want in the "
                                                   "background (default: when the cache holds under half of them)."),
@@ -223,7 +229,8 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
             print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return
     r = run_bench(bundle, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
-                  memory_budget=memory_budget, expert_policy=expert_policy, prefetch=prefetch)
+                  memory_budget=_process(memory_budget), expert_policy=expert_policy, prefetch=prefetch,
+                  expert_store=store, expert_slots=expert_slots)
     if as_json:
         print(json.dumps(r.as_dict()))
         return
@@ -235,14 +242,16 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
         e = r.experts
         rows += [("expert cache", f"{e['capacity']} of {e['total']} experts resident, policy {e['policy']}"),
                  ("expert hit rate", f"{e['hit_rate']:.1%}"), ("read per token", f"{e['mb_read_per_token']:.1f} MB"),
+                 ("expert loading", e["path"]),
                  ("stalled on misses", f"{e['stall_ms_per_token']:.1f} ms per token (reading "
-                                       f"{e['read_ms_per_token']:.1f}, building sessions {e['build_ms_per_token']:.1f}"
-                                       + (f", waiting for build-ahead {e['wait_ms_per_token']:.1f})"
+                                       f"{e['read_ms_per_token']:.1f}"
+                                       + (f", building sessions {e['build_ms_per_token']:.1f}" if e["build_ms_per_token"] else "")
+                                       + (f", waiting for reads ahead {e['wait_ms_per_token']:.1f})"
                                           if e["wait_ms_per_token"] else ")"))]
         if "prefetch_precision" in e:
             rows.append(("next-layer guesses", f"precision {e['prefetch_precision']:.1%}, recall {e['prefetch_recall']:.1%}"
-                         + (f"; built ahead: {e['prefetch_served']} misses served, {e['prefetch_wasted']} unused"
-                            if e["prefetch"] else " (build-ahead off)")))
+                         + (f"; read ahead: {e['prefetch_served']} misses served, {e['prefetch_wasted']} unused"
+                            if e["prefetch"] else " (read-ahead off)")))
     print_table(rows)
 
 
@@ -315,7 +324,7 @@ def eval_(bundle: List[str] = typer.Argument(..., help="Bundle(s); the first is 
             print(f"  {r.bundle}: perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens ({r.tok_s:.0f} tok/s)",
                   file=sys.stderr)
     rows = run_compare(bundles, text=text, tokens=tokens, context=context, stride=stride, max_tokens=max_tokens,
-                       threads=threads, memory_budget=memory_budget, progress=show)
+                       threads=threads, memory_budget=_process(memory_budget), progress=show)
     if as_json:
         print(json.dumps([r.as_dict() for r in rows]))
         return
@@ -329,6 +338,35 @@ def eval_(bundle: List[str] = typer.Argument(..., help="Bundle(s); the first is 
         agree = "" if r.top1_agreement is None else f"{r.top1_agreement:.2%}"
         print(f"{r.bundle:<{w}} {r.quant:<6} {r.size_mb:>8.1f} {r.bits_per_weight:>6.2f} {r.perplexity:>10.4f} "
               f"{delta:>8} {agree:>11} {r.tok_s:>7.0f}")
+
+
+@app.command()
+def prepare(bundle: str, store: Optional[str] = _STORE,
+            force: bool = typer.Option(False, "--force", help="Make the store again even if it matches."),
+            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
+    """Pack a Mixture-of-Experts bundle's experts for this machine (onnxruntime's own prepacked bytes,
+    one record per expert), so that an expert cache miss is one read. A budgeted run does it on first
+    use; do it ahead on the device. A no-op when a store for this bundle, onnxruntime and CPU is there."""
+    from .model import prepare as make
+    r = make(bundle, expert_store=store, force=force, progress=not as_json)
+    h = r.store.header
+    info = dict(store=str(r.store.root), built=r.built, reason=r.reason, seconds=round(r.seconds, 2),
+                disk_mb=round(r.bytes / 2**20, 1), experts=h.experts, record_mb=round(h.record_size / 2**20, 3),
+                onnxruntime=h.onnxruntime, cpu=h.cpu)
+    if as_json:
+        print(json.dumps(info))
+        return
+    print_table([("store", info["store"]),
+                 ("made now", f"yes ({r.reason}), in {r.seconds:.1f} s" if r.built else "no: it matches this bundle, "
+                  "onnxruntime and CPU"),
+                 ("on disk", f"{info['disk_mb']:.0f} MB: {h.experts} experts, {h.record_size / 2**20:.2f} MB a record"),
+                 ("made for", f"onnxruntime {h.onnxruntime}, {h.cpu.split(':')[0]}")])
+
+
+def _process(memory_budget: Optional[str]):
+    """--memory-budget bounds the whole process: the model gets it less what the process holds now."""
+    from .moe import process_budget
+    return None if memory_budget is None else process_budget(memory_budget)
 
 
 app.add_typer(devices_app, name="devices")

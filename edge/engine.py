@@ -55,11 +55,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def open_session(path, options: ort.SessionOptions) -> ort.InferenceSession:
-    """A CPU session for a bundle graph; onnxruntime refusing it (a hostile external-data path, a
-    damaged graph) is a BundleError naming the file."""
+def open_session(path, options: ort.SessionOptions, *, model: bytes | None = None) -> ort.InferenceSession:
+    """A CPU session for a bundle graph (from `model`'s bytes when given, `path` naming it); onnxruntime
+    refusing it (a hostile external-data path, a damaged graph) is a BundleError naming the file."""
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path) if model is None else model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/RuntimeError types
         reason = str(e).replace("\n", " ").split("] : ", 1)[-1][:300]
         raise BundleError(f"onnxruntime cannot load {path}: {reason}") from None

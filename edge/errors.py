@@ -27,3 +27,7 @@ class MissingTensorError(EdgeError):
 
 class BudgetError(EdgeError):
     """The memory budget cannot hold the model: the message names the minimum that works."""
+
+
+class StoreError(EdgeError):
+    """The packed expert store could not be made or read (disk full, read-only place, damaged files)."""

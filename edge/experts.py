@@ -13,13 +13,16 @@ Policies:
        (95.7%). A fixed capacity / layers share per layer gave 72.4% and 92.0%, and 61.6%
        against 64.6% at 51 experts, the capacity a quarter budget leaves beside build-ahead.
 
-A session is made from the bundle's expert graph with this expert's tensors handed over by
-SessionOptions.add_initializer (views into the blob just read), so the runtime needs no ONNX
-tooling. All sessions share onnxruntime's global thread pool: per-session pools would cost
-memory and wake-up latency for hundreds of small sessions.
+This module is the session path: a miss reads the expert's blob and makes a session from the
+bundle's expert graph with the expert's tensors handed over by SessionOptions.add_initializer (views
+into the blob just read), so the runtime needs no ONNX tooling; onnxruntime prepacks them (~3 ms for
+a SmolMoE expert). Expert slots (edge/slots.py) replace that with one read of a prepacked record; the
+policies below decide for both. All sessions share onnxruntime's global thread pool: per-session
+pools would cost memory and wake-up latency for hundreds of small sessions.
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +35,7 @@ from .bundle import Bundle
 from .engine import open_session, pooled_options
 from .errors import ConfigError
 from .manifest import Manifest
+from .prefetch import PrefetchStats
 from .storage import BlobReader
 
 
@@ -41,13 +45,43 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     bytes_read: int = 0
-    read_s: float = 0.0          # time reading blobs from disk
-    build_s: float = 0.0         # time creating sessions (prepacking)
+    read_s: float = 0.0          # time reading experts from disk (the decode waiting on it)
+    build_s: float = 0.0         # time creating sessions (prepacking; the session path only)
 
     @property
     def hit_rate(self) -> float:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
+
+
+POLICIES = ("lfu", "lru")
+
+
+class CachePolicy:
+    """How much each (layer, expert) is worth keeping: lfu, a use count per layer decayed at each use of
+    that layer; lru, the time of the last use. The cache replaces the resident expert worth least."""
+
+    def __init__(self, name: str, layers: int, experts: int, decay: float = 0.98):
+        if name not in POLICIES:
+            raise ConfigError(f"unknown expert cache policy {name!r} (choose from {', '.join(POLICIES)})")
+        self.name = name
+        self.decay = decay
+        self.score = np.zeros((layers, experts), np.float64)       # [layer, expert]
+        self.clock = 0
+
+    def use(self, layer: int, expert: int) -> None:
+        if self.name == "lfu":
+            row = self.score[layer]
+            row *= self.decay
+            row[expert] += 1.0
+        else:
+            self.clock += 1
+            self.score[layer, expert] = self.clock
+
+    def admits(self, new: tuple[int, int], victim: tuple[int, int]) -> bool:
+        """Should `new` replace `victim`? lfu keeps the victim when it is used at least as much (the
+        newcomer runs once and is dropped); lru always replaces."""
+        return self.name == "lru" or self.score[new] > self.score[victim]
 
 
 class _Expert:
@@ -59,21 +93,47 @@ class _Expert:
         self.bound = {}           # (x buffer id, y buffer id) -> IOBinding for one-token steps
 
 
-POLICIES = ("lfu", "lru")
-
-
 def packed_factor(m: Manifest) -> float:
     """Resident bytes of a cached expert per byte of its blob, estimated from the quantization the
     manifest records, for before any expert is built (the MoE planner then measures it): onnxruntime
     keeps each block of codes with an fp32 scale and an fp32 block sum where the blob has the codes and
     the stored scale. int4 with fp16 scales: (0.5 + 8/32) / (0.5 + 2/32) = 1.33 at block 32, 1.18 at
-    block 64 (SmolMoE measured 1.34 and 1.16)."""
+    block 64 (SmolMoE measured 1.34 and 1.16; a slot's packed record is 1.18x the blob)."""
     e = next((t for t in m.tensors if ".experts." in t.name), None)
     if e is None or not e.block_size or e.dtype not in ("int4", "int8"):
         return 1.0
     code = 0.5 if e.dtype == "int4" else 1.0
     stored = 2 if e.scale_dtype == "float16" else 4
     return (code + 8 / e.block_size) / (code + stored / e.block_size)
+
+
+def expert_values(moe, blob: np.ndarray) -> tuple[list[str], list[ort.OrtValue], list[np.ndarray]]:
+    """The expert graph's initializers from one expert's stored blob: (names, OrtValues over views of
+    the blob, the arrays behind them, to keep alive until a session exists). fp16-stored scales are
+    widened to the graph's fp32 (new arrays: the blob is not)."""
+    names, values, arrays = [], [], []
+    for t in moe.expert_tensors:
+        nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
+        view = blob[t.offset:t.offset + nbytes].view(t.dtype).reshape(t.shape)
+        if t.load_as:
+            view = view.astype(t.load_as)
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(view))
+        arrays.append(view)
+    return names, values, arrays
+
+
+def build_session(moe, graph_path: str, blob: np.ndarray) -> _Expert:
+    """An expert's session from its blob (the session path, and the reference slots are tested against)."""
+    so = pooled_options()
+    names, values, arrays = expert_values(moe, blob)
+    for name, value in zip(names, values):
+        so.add_initializer(name, value)
+    session = open_session(graph_path, so)
+    # prepacking copied every weight: like the blob (the reader's buffer, overwritten by the next read),
+    # the widened scales are never read again and go when this returns; only the OrtValues of tensors
+    # onnxruntime keeps as they are (none for QMoE) must live as long as the session
+    return _Expert(session, [so] + [v for v, t in zip(values, moe.expert_tensors) if not t.load_as])
 
 
 class ExpertCache:
@@ -83,17 +143,14 @@ class ExpertCache:
         self.graph_path = str(bundle.path(moe.expert_graph))
         self.entries = {(x.layer, x.expert): x for x in moe.experts}
         self.reader = BlobReader(bundle.path(moe.expert_file), max(x.size for x in moe.experts))
-        if policy not in POLICIES:
-            raise ConfigError(f"unknown expert cache policy {policy!r} (choose from {', '.join(POLICIES)})")
+        layers = 1 + max(x.layer for x in moe.experts)
+        self.rank = CachePolicy(policy, layers, moe.num_experts, decay)
         self.policy = policy
         self.capacity = capacity                  # experts held at once
         self.cache: OrderedDict[tuple[int, int], _Expert] = OrderedDict()
-        layers = 1 + max(x.layer for x in moe.experts)
         self.resident = np.zeros((layers, moe.num_experts), bool)
-        self.score = np.zeros((layers, moe.num_experts), np.float64)
-        self.decay = decay
         self.stats = CacheStats()
-        self.prefetcher = None                    # edge.prefetch.Prefetcher (reads ahead), set by the decoder
+        self.prefetcher = None                    # edge.prefetch.Prefetcher (builds ahead), set by the decoder
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -119,19 +176,11 @@ class ExpertCache:
         return blob
 
     def _build(self, blob: np.ndarray) -> _Expert:
-        so = pooled_options()
-        keep, widened = [so], []
-        for t in self.moe.expert_tensors:
-            nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
-            view = blob[t.offset:t.offset + nbytes].view(t.dtype).reshape(t.shape)
-            if t.load_as:
-                view = view.astype(t.load_as)       # fp16 scales -> the fp32 the graph takes
-            value = ort.OrtValue.ortvalue_from_numpy(view)
-            (widened if t.load_as else keep).append(value)   # onnxruntime holds the name until it prepacks
-            so.add_initializer(t.name, value)
-        # prepacking copies every weight: like the blob (the reader's buffer, overwritten by the next
-        # read), the widened copies are never read again and go when this returns, not held per expert
-        return _Expert(open_session(self.graph_path, so), keep)
+        return build_session(self.moe, self.graph_path, blob)
+
+    def run(self, layer: int, expert: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The expert's output for `feeds` (a prompt piece's rows routed to it)."""
+        return self._get(layer, expert).session.run([self.moe.expert_output], feeds)[0]
 
     def run_bound(self, layer: int, expert: int, x: ort.OrtValue, y: ort.OrtValue, key: tuple) -> None:
         """One-token step: run the expert reading `x` and writing `y` (bound once per session)."""
@@ -151,24 +200,22 @@ class ExpertCache:
     def _get(self, layer: int, expert: int) -> _Expert:
         key = (layer, expert)
         with self._lock:
-            row = self.score[layer]
-            row *= self.decay
-            row[expert] += 1.0
+            self.rank.use(layer, expert)
             hit = self.cache.get(key)
             if hit is not None:
                 self.cache.move_to_end(key)
                 self.stats.hits += 1
                 return hit
             self.stats.misses += 1
-            if self.policy == "lru":
-                while len(self.cache) >= self.capacity:
-                    self._evict(next(iter(self.cache)))
-            elif len(self.cache) >= self.capacity:
-                held = np.where(self.resident, self.score, np.inf)
-                victim = np.unravel_index(np.argmin(held), held.shape)                # least used resident
-                if held[victim] >= row[expert]:
+            if len(self.cache) >= self.capacity:
+                if self.policy == "lru":
+                    victim = next(iter(self.cache))                                   # least recently used
+                else:
+                    held = np.where(self.resident, self.rank.score, np.inf)
+                    victim = tuple(int(i) for i in np.unravel_index(np.argmin(held), held.shape))  # least used
+                if not self.rank.admits(key, victim):
                     return self._load(key)                       # not worth a slot: run once, drop
-                self._evict((int(victim[0]), int(victim[1])))
+                self._evict(victim)
             item = self._load(key)
             self.cache[key] = item
             self.resident[key] = True
@@ -190,3 +237,225 @@ class ExpertCache:
         del self.cache[key]
         self.resident[key] = False
         self.stats.evictions += 1
+
+
+class SlotCache:
+    """The slot path's expert cache: which expert each slot holds, and which slot a miss overwrites:
+    the one the policy values least among slots that are not running, not being read into, and not
+    holding an expert read ahead for a layer still to come. A miss is one read into that slot.
+
+    With `prefetch`, a reader thread reads wanted experts (a layer's misses, the guesses for the next
+    layers) into slots while the decode runs; the decode takes them when they arrive. Reads use no
+    CPU to speak of (O_DIRECT), so nothing is taken from onnxruntime's threads. Same interface as
+    ExpertCache (run, run_bound, stats, prefetcher.at / want)."""
+
+    def __init__(self, pool, moe, *, policy: str = "lfu", decay: float = 0.98, prefetch: PrefetchStats | None = None):
+        self.pool = pool
+        self.moe = moe
+        self.entries = {(e.layer, e.expert): i for i, e in enumerate(moe.experts)}   # key -> record
+        self.record_size = pool.store.header.record_size
+        self.layers = 1 + max(e.layer for e in moe.experts)
+        self.rank = CachePolicy(policy, self.layers, moe.num_experts, decay)
+        self.policy = policy
+        n = len(pool.slots)
+        self.capacity = n
+        self.cache: dict[tuple[int, int], int] = {}          # key -> slot, for experts held or being read
+        self.held = np.full((n, 2), -1, np.int64)            # [slot] -> (layer, expert), -1: empty
+        self.pins = np.zeros(n, np.int32)                    # runs in progress: never overwritten while > 0
+        self.loading = np.zeros(n, bool)                     # a read into it is in flight
+        self.need = np.full(n, -1, np.int64)                 # step its read-ahead expert is wanted at
+        self.fresh = np.zeros(n, bool)                       # read ahead and not used yet
+        self.step, self.layer, self.base = 0, -1, 0          # decode position: step = base + layer
+        self.stats = CacheStats()
+        self.lock = threading.Lock()
+        self.queued = threading.Condition(self.lock)          # the reader waits here for wants
+        self.landed = threading.Condition(self.lock)          # the decode waits here for reads in flight
+        self.queue: OrderedDict[tuple[int, int], int] = OrderedDict()     # wanted key -> step it is needed at
+        self.prefetcher = _SlotReader(self, prefetch) if prefetch is not None else None
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+        self.cache.clear()
+        self.pool.close()
+
+    def run(self, layer: int, expert: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The expert's output for `feeds` (a prompt piece's rows routed to it)."""
+        i = self._acquire((layer, expert))
+        try:
+            return self.pool.slots[i].session.run([self.moe.expert_output], feeds)[0]
+        finally:
+            self._release(i)
+
+    def run_bound(self, layer: int, expert: int, x: ort.OrtValue, y: ort.OrtValue, key: tuple) -> None:
+        """One-token step: run the expert reading `x` and writing `y` (bound once per slot)."""
+        i = self._acquire((layer, expert))
+        try:
+            slot = self.pool.slots[i]
+            io = slot.bindings.get(key)
+            if io is None:
+                io = slot.session.io_binding()
+                io.bind_ortvalue_input(self.moe.expert_input, x)
+                io.bind_ortvalue_output(self.moe.expert_output, y)
+                slot.bindings[key] = io
+            slot.session.run_with_iobinding(io)
+        finally:
+            self._release(i)
+
+    def _acquire(self, key: tuple[int, int]) -> int:
+        """The slot holding `key`, pinned (read into one now if it is nowhere)."""
+        with self.lock:
+            self.rank.use(*key)
+            i = self.cache.get(key)
+            if i is not None:
+                if self.loading[i]:                                   # being read ahead: wait for it
+                    t0 = time.perf_counter()
+                    while self.loading[i]:
+                        self.landed.wait()
+                    self.prefetcher.stats.waited_s += time.perf_counter() - t0
+                if self.cache.get(key) == i:
+                    if self.fresh[i]:                                 # a miss the reader answered
+                        self.fresh[i] = False
+                        self.stats.misses += 1
+                        self.prefetcher.stats.served += 1
+                    else:
+                        self.stats.hits += 1
+                    self.pins[i] += 1
+                    return i
+            self.stats.misses += 1
+            self.queue.pop(key, None)
+            i = self._victim()
+            while i is None:                                          # every slot busy: a read will end
+                self.landed.wait(0.05)
+                i = self._victim()
+            self._take(i, key, -1)                                    # kept by its pin while it runs
+            self.pins[i] = 1
+        t0 = time.perf_counter()
+        try:
+            self.stats.bytes_read += self.pool.load(self.pool.slots[i], self.entries[key])
+        except BaseException:
+            with self.lock:
+                self._empty(i)
+                self.pins[i] = 0
+            raise
+        self.stats.read_s += time.perf_counter() - t0
+        with self.lock:
+            self.loading[i] = False
+        return i
+
+    def _release(self, i: int) -> None:
+        with self.lock:
+            self.pins[i] -= 1
+
+    def _victim(self, ahead: bool = False) -> int | None:
+        """The slot to overwrite (lock held): an empty one, else the least valued of those free to go.
+        A read ahead leaves alone what was read ahead for layers to come, and leaves a token's worth of
+        slots to the decode; the decode takes even those when nothing else can go."""
+        idle = (self.pins == 0) & ~self.loading
+        free = idle & (self.need < self.step)
+        if ahead and free.sum() <= self.moe.top_k:
+            return None
+        if not free.any():
+            free = idle
+            if ahead or not free.any():
+                return None
+        empty = free & (self.held[:, 0] < 0)
+        if empty.any():
+            return int(np.argmax(empty))
+        value = self.rank.score[self.held[:, 0], self.held[:, 1]]
+        return int(np.argmin(np.where(free, value, np.inf)))
+
+    def _take(self, i: int, key: tuple[int, int], need: int) -> None:
+        """Give slot i to `key`, being read now (lock held)."""
+        if self.held[i, 0] >= 0:
+            if self.fresh[i]:
+                self.prefetcher.stats.wasted += 1
+            self._empty(i)
+            self.stats.evictions += 1
+        self.held[i] = key
+        self.cache[key] = i
+        self.loading[i] = True
+        self.need[i] = need
+
+    def _empty(self, i: int) -> None:
+        key = (int(self.held[i, 0]), int(self.held[i, 1]))
+        if self.cache.get(key) == i:
+            del self.cache[key]
+        self.held[i] = -1
+        self.loading[i] = self.fresh[i] = False
+        self.need[i] = -1
+
+
+class _SlotReader:
+    """SlotCache's read-ahead thread: `at(layer)` tells where the decode is, `want(layer, experts)`
+    queues experts a layer at or after it will use; each is read into a slot unless it is held already,
+    its layer has passed, or no slot may go."""
+
+    def __init__(self, cache: SlotCache, stats: PrefetchStats):
+        self.cache = cache
+        self.stats = stats
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="edge-slot-reader", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    def at(self, layer: int) -> None:
+        c = self.cache
+        with c.lock:
+            if layer <= c.layer:                                     # the next token
+                c.base += c.layers
+            c.layer, c.step = layer, c.base + layer
+            for key in [k for k, need in c.queue.items() if need < c.step]:
+                del c.queue[key]
+
+    def want(self, layer: int, experts) -> None:
+        c = self.cache
+        with c.lock:
+            need, added = c.base + layer, False
+            for e in experts:
+                key = (layer, int(e))
+                if key not in c.cache and key not in c.queue:
+                    c.queue[key] = need
+                    added = True
+            if added:
+                c.queued.notify()
+
+    def _loop(self) -> None:
+        c = self.cache
+        while True:
+            with c.lock:
+                while not self.closed and not c.queue:
+                    c.queued.wait()
+                if self.closed:
+                    return
+                key, need = c.queue.popitem(last=False)
+                if key in c.cache or need < c.step:
+                    continue                                          # held, or its layer has passed
+                i = c._victim(ahead=True)
+                if i is None:
+                    continue                                          # no slot may go: skip this guess
+                c._take(i, key, need)
+            t0, n = time.perf_counter(), 0
+            try:
+                n = c.pool.load(c.pool.slots[i], c.entries[key])
+            except Exception:  # noqa: BLE001 - a failed read is the decode's miss to report
+                pass
+            with c.lock:
+                self.stats.background_s += time.perf_counter() - t0
+                if n:
+                    c.loading[i] = False
+                    c.fresh[i] = True
+                    self.stats.loaded += 1
+                    self.stats.bytes_read += n
+                else:
+                    c._empty(i)
+                c.landed.notify_all()
+
+    def close(self) -> None:
+        atexit.unregister(self.close)
+        with self.cache.lock:
+            self.closed = True
+            self.cache.queued.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)

@@ -29,11 +29,12 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def status() -> dict[str, int]:
-    """VmRSS, VmHWM (peak), RssAnon, RssFile of this process in bytes (Linux; empty elsewhere)."""
+    """VmRSS, VmHWM (peak), RssAnon, RssFile, RssShmem (expert slots) of this process in bytes (Linux;
+    empty elsewhere)."""
     try:
         with open("/proc/self/status") as f:
             return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in f)
-                    if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+                    if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")}
     except OSError:
         return {}
 

@@ -18,7 +18,8 @@ import numpy as np
 from .bundle import Bundle, open_bundle
 from .engine import PREFILL_CHUNK, Decoder, default_threads
 from .errors import ConfigError, ContextError
-from .memory import return_freed_memory, trim_heap
+from .memory import return_freed_memory, status, trim_heap
+from .progress import quiet, stderr_bar
 from .sampling import Sampler, SamplingParams
 from .text import StopStrings, StreamDecoder, Text
 
@@ -43,7 +44,8 @@ class GenerationStats:
 
 class Model:
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None,
-                 memory_budget=None, expert_policy: str = "lfu", prefetch: bool | None = None):
+                 memory_budget=None, baseline: int = 0, expert_policy: str = "lfu", prefetch: bool | None = None,
+                 expert_slots: bool = True, expert_store=None, progress=quiet):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -59,10 +61,11 @@ class Model:
         elif m.moe is not None:
             from .moe import MoEDecoder
             self.decoder = MoEDecoder(bundle, threads=threads, context_length=context_length,
-                                      expert_capacity=expert_capacity, memory_budget=memory_budget,
-                                      policy=expert_policy, prefetch=prefetch)
+                                      expert_capacity=expert_capacity, memory_budget=memory_budget, baseline=baseline,
+                                      policy=expert_policy, prefetch=prefetch, expert_slots=expert_slots,
+                                      expert_store=expert_store, progress=progress)
             plan = self.decoder.plan
-            if m.moe.fused is not None and plan is not None and plan.budget >= plan.fused_need:
+            if self.decoder.fused_fits:
                 # the budget holds every expert, in the fused graph, which runs faster (SmolMoE int4:
                 # ~100 tok/s against ~55 for the staged pipeline with every expert cached)
                 self.decoder.close()
@@ -209,26 +212,39 @@ class Model:
 
 def load(path, *, threads: int | None = None, context_length: int | None = None,
          memory_budget=None, expert_capacity: int | None = None, expert_policy: str = "lfu",
-         prefetch: bool | None = None) -> Model:
+         prefetch: bool | None = None, expert_slots: bool = True, expert_store=None, progress=True) -> Model:
     """Open a bundle made by `edge export`.
 
     threads: CPU threads for onnxruntime (default: the cores this process may use). onnxruntime's
         thread pool is process-wide: the first model loaded in a process sets it for all.
     context_length: tokens the KV cache holds, prompt included (default: min(model max, 4096));
         memory for it is committed only as it fills.
-    memory_budget: Mixture-of-Experts bundles: the most memory the whole process may use ("300MB",
-        "1.5GB" or bytes); the expert cache is sized from what is left after the dense part and the
-        KV cache. A budget that cannot hold the model raises BudgetError naming the minimum. On Linux
-        the load restarts the process's peak RSS (VmHWM) to measure its own packing peak.
+    memory_budget: Mixture-of-Experts bundles: the most memory this model may use ("300MB", "1.5GB" or
+        bytes), counted from the process's footprint when load() starts, so what the process already
+        holds (a vision model, ROS, another model) is not charged to it; the expert cache is sized from
+        what is left after the dense part and the KV cache. To bound the whole process instead (as
+        `edge run --memory-budget` and a memory cgroup do), pass `edge.process_budget("450MB")` (the
+        total minus what the process holds now). A budget that cannot hold the model raises
+        BudgetError naming the minimum. On Linux the load restarts the process's peak RSS (VmHWM) to
+        measure its own packing peak.
     expert_capacity: instead of a budget, how many experts stay resident at once (default: all,
         loaded as the router first picks them).
     expert_policy: "lfu" (frequency-aware, across layers; default) or "lru" (the baseline).
-    prefetch: with a limited expert cache, read and build experts ahead on a background thread: a
-        layer's misses and the experts the next layers' routers pick on the current hidden state,
-        while the decode runs on one thread; the budget reserves room for them. Default (None): on
-        when the cache holds less than half the experts and threads >= 2.
-        The guesses' precision and recall are counted either way (model.decoder.guesser.stats).
+    prefetch: with a limited expert cache, read experts ahead in the background: a layer's misses and
+        the experts the next layers' routers pick on the current hidden state. Default (None): on with
+        expert slots; on the session path (which builds them too, on a core of its own) when the cache
+        holds less than half the experts and threads >= 2. The guesses' precision and recall are
+        counted either way (model.decoder.guesser.stats).
+    expert_slots: with a limited expert cache, keep experts in slots filled from a packed store of
+        onnxruntime's prepacked weights (a miss is one read); made on first use when missing (see
+        expert_store) and checked by a self-test at load, which falls back to building a session per
+        miss, with one logged line, where slots cannot work. False: that session path, for comparison.
+    expert_store: folder of the packed expert store (default: BUNDLE/packed when the bundle folder is
+        writable, else ~/.cache/edge/packed/<bundle id>); `edge prepare` makes it ahead of time.
+    progress: show progress on stderr while the packed store is made (True), not at all (False), or
+        call progress(done, total).
     """
+    baseline = status().get("VmRSS", 0)
     bundle = open_bundle(path)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, not {threads!r}")
@@ -240,5 +256,20 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
         raise ConfigError(f"unknown expert policy {expert_policy!r}; choose one of {', '.join(POLICIES)}")
     if memory_budget is not None and bundle.manifest.moe is None:
         raise ConfigError("memory_budget applies to Mixture-of-Experts bundles; a dense model is loaded whole")
+    show = progress if callable(progress) else stderr_bar("packing experts for this machine") if progress else quiet
     return Model(bundle, threads=threads or default_threads(), context_length=ctx, expert_capacity=expert_capacity,
-                 memory_budget=memory_budget, expert_policy=expert_policy, prefetch=prefetch)
+                 memory_budget=memory_budget, baseline=baseline, expert_policy=expert_policy, prefetch=prefetch,
+                 expert_slots=expert_slots, expert_store=expert_store, progress=show)
+
+
+def prepare(path, *, expert_store=None, force: bool = False, progress=True):
+    """Make the packed expert store of a Mixture-of-Experts bundle for this machine (what a budgeted
+    load() otherwise does on first use): onnxruntime's prepacked bytes of every expert, one record
+    each, so that a cache miss is one read. A no-op when a matching store is there (force: make it
+    again). Returns edge.store.PrepareReport (store, built, reason, seconds, bytes)."""
+    from .engine import use_global_pool
+    from .store import prepare as make
+    bundle = open_bundle(path)
+    use_global_pool(default_threads())
+    show = progress if callable(progress) else stderr_bar("packing experts for this machine") if progress else quiet
+    return make(bundle, expert_store, force=force, progress=show)

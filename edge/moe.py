@@ -1,10 +1,12 @@
 """The Mixture-of-Experts decoder: the manifest's stages run in order, and between a layer's stage
-and the next the runtime routes each token and runs the experts it picked (ExpertCache).
+and the next the runtime routes each token and runs the experts it picked (SlotCache, or
+ExpertCache where slots cannot work).
 
 Same interface as engine.Decoder: forward(ids, all_logits) -> logits [P, vocab], reset(), room().
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -14,10 +16,12 @@ import onnxruntime as ort
 from .bundle import Bundle
 from .engine import (PREFILL_CHUNK, check_context_length, in_chunks, open_session, pooled_options, step_ids,
                      use_global_pool)
-from .experts import ExpertCache, packed_factor
-from .prefetch import AHEAD, Guesser, Prefetcher, PrefetchStats, load_routers
 from .errors import BudgetError, ConfigError
+from .experts import ExpertCache, SlotCache, packed_factor
 from .memory import release_file_pages, reset_peak, return_freed_memory, status, trim_heap
+from .prefetch import AHEAD, Guesser, Prefetcher, PrefetchStats, load_routers
+from .progress import quiet
+from .storage import BlobReader
 
 
 def _load_expf():
@@ -132,24 +136,28 @@ class _Stage:
 
 
 HEADROOM = 48 << 20       # activations, onnxruntime arenas, Python: measured peaks stay well inside
-CACHE_MARGIN = 1.1        # per cached expert over its measured cost (see _plan)
+CACHE_MARGIN = 1.1        # per cached expert session over its measured cost (see _plan)
+SLOT_MARGIN = 1.02        # per slot: its memory is fixed (record pages + a session), only measurement noise
+log = logging.getLogger("edge")
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    """The model's own memory (what the process holds beyond its footprint when load began)."""
     budget: int
     base: int              # resident after loading the stages (weights, runtime, tokenizer) + the weight
                            # file pages a prompt reads
     kv_cache: int          # at the full context length
     headroom: int
-    per_expert: int        # resident cost of one cached expert (measured)
-    capacity: int          # experts the cache may hold
+    per_expert: int        # resident cost of one cached expert (measured): a session, or a slot
+    capacity: int          # experts held at once
     fused_need: int        # what the fused graph (every expert, no eviction churn) needs: see _plan
-    read_ahead: int = 0    # experts the prefetcher builds ahead, and its read buffer
+    read_ahead: int = 0    # session path: experts the prefetcher builds ahead, and its read buffers
+    floor: int = 2         # experts the least budget holds (session path: 2 run once; slots: a token's)
 
     @property
     def minimum(self) -> int:
-        return self.base + self.kv_cache + self.headroom + 2 * self.per_expert + self.read_ahead
+        return self.base + self.kv_cache + self.headroom + self.floor * self.per_expert + self.read_ahead
 
     def describe(self) -> str:
         mb = lambda b: f"{b / 2**20:.0f} MB"
@@ -170,9 +178,28 @@ def parse_bytes(v) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
+def process_budget(total) -> int:
+    """The memory_budget that bounds the whole process by `total` ("450MB", bytes): total minus what the
+    process holds now (VmRSS). What `--memory-budget` means on the command line, and what a memory
+    cgroup enforces; load()'s memory_budget alone is the model's own memory."""
+    total = parse_bytes(total)
+    held = status().get("VmRSS", 0)
+    if total <= held:
+        raise BudgetError(f"memory budget {total / 2**20:.0f} MB is too small: this process holds "
+                          f"{held / 2**20:.0f} MB already; raise it")
+    return total - held
+
+
 class MoEDecoder:
+    """memory_budget: the model's own memory; `baseline` is what the process held when load began
+    (VmRSS), which the budget does not cover. Under a budget (or expert_capacity below every expert)
+    misses go into expert slots (edge/slots.py) from the packed store at `expert_store`, made on first
+    use; where slots cannot work (expert_slots=False, or the self-test fails) each miss builds a
+    session (edge/experts.py)."""
+
     def __init__(self, bundle: Bundle, *, threads: int, context_length: int, expert_capacity: int | None = None,
-                 memory_budget=None, policy: str = "lfu", prefetch: bool | None = None):
+                 memory_budget=None, baseline: int = 0, policy: str = "lfu", prefetch: bool | None = None,
+                 expert_slots: bool = True, expert_store=None, progress=quiet):
         m = bundle.manifest
         check_context_length(context_length, m.model.max_context)
         self.moe = m.moe
@@ -180,23 +207,24 @@ class MoEDecoder:
         self.prefill_chunk = PREFILL_CHUNK         # prompt tokens per pass: bounds activation memory
         self.vocab_size = m.model.vocab_size
         self.hidden = m.model.hidden_size
+        self.baseline = baseline
         n_all = len(self.moe.experts)
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         data = [f for f in m.files if f.path.endswith(".data")]
         self._data_files = [bundle.path(f.path) for f in data]
         self._data_bytes = sum(f.size for f in data)
-        # Build ahead (prefetch): a background thread reads and builds the experts this layer misses
-        # and the next AHEAD layers' routers guess, while this thread decodes on the others. SmolMoE
-        # int4, 2 cores: 1.4-1.6x the decode speed at a quarter of the experts, about level at half,
-        # 0.85x at 80% (few misses: the decode's second thread is worth more), hence the default below half. The
-        # choice fixes onnxruntime's process-wide pool (threads - 1: a spinning pool thread would take
-        # the builder's core), so it is made on an estimate, before any session exists.
-        if threads < 2 or prefetch is False:
-            prefetch = False
-        else:
-            guess = expert_capacity if budget is None else self._rough_capacity(m, budget, context_length)
-            prefetch = guess is not None and guess < (n_all / 2 if prefetch is None else n_all)
-        use_global_pool(threads - 1 if prefetch else threads)
+        limited = budget is not None or (expert_capacity is not None and expert_capacity < n_all)
+        slots = expert_slots and limited
+        # Session build-ahead (prefetch on the session path): a background thread reads and builds the
+        # experts this layer misses and the next AHEAD layers' routers guess. SmolMoE int4, 2 cores:
+        # 1.4-1.6x the decode speed at a quarter of the experts, about level at half, 0.85x at 80% (few
+        # misses: the decode's second thread is worth more), hence the default below half. A build takes
+        # a core, so onnxruntime's process-wide pool gets threads - 1 (a spinning pool thread would take
+        # the builder's core); the choice is made on an estimate, before any session exists. Slot reads
+        # take no core: the pool keeps every thread.
+        build_ahead = not slots and threads >= 2 and prefetch is not False and \
+            self._builds_ahead(m, budget, expert_capacity, context_length, n_all, prefetch)
+        use_global_pool(threads - 1 if build_ahead else threads)
         g = m.graph
         shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
         self.kv = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in g.past_keys]
@@ -210,34 +238,43 @@ class MoEDecoder:
         for path in self._data_files:
             release_file_pages(path)
         return_freed_memory()                  # evicted experts' memory goes back to the OS, not to a heap
+        base = self._dense_part()
+        if budget is not None:       # a budget that cannot hold a token's experts fails before anything is made
+            kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
+            self._plan(budget, base, (kv, int(packed_factor(m) * max(x.size for x in self.moe.experts))),
+                       margin=1.0, need=self.moe.top_k)
+        slots = self._open_slots(bundle, expert_store, progress) if slots else None
         self.plan = None
-        slots = (1 + AHEAD) * self.moe.top_k if prefetch else 0
         if budget is not None:
-            measured = self._measure(bundle)
-            try:
-                self.plan = self._plan(budget, policy, measured, slots=slots)    # the budget holds them too
-            except BudgetError:
-                if not slots:
-                    raise
-                slots = 0
-                self.plan = self._plan(budget, policy, measured, slots=0)
+            if slots is not None:
+                self.plan = self._plan(budget, self._dense_part(), self._measure_slots(slots), margin=SLOT_MARGIN,
+                                       need=self.moe.top_k)
+            else:
+                self.plan = self._session_plan(bundle, budget, base, policy=policy,
+                                               reads=(1 + AHEAD) * self.moe.top_k if build_ahead else 0)
+                build_ahead = build_ahead and self.plan.read_ahead > 0
             expert_capacity = self.plan.capacity
         elif expert_capacity is None:
             expert_capacity = n_all
         expert_capacity = min(expert_capacity, n_all)
-        if expert_capacity >= n_all:
-            slots = 0
-        self.experts = ExpertCache(bundle, capacity=expert_capacity, policy=policy)
         self.guesser = None
-        if self.experts.capacity < n_all:
-            stats = None
-            if self.moe.routers:
-                routers = load_routers(bundle.path(self.moe.router_file), self.moe.routers, self.hidden,
-                                       self.moe.num_experts)
-                self.guesser = Guesser(routers, self.moe.top_k)
-                stats = self.guesser.stats
-            if slots:
-                self.experts.prefetcher = Prefetcher(self.experts, reads=slots, builds=slots,
+        stats = None
+        if expert_capacity < n_all and self.moe.routers:
+            routers = load_routers(bundle.path(self.moe.router_file), self.moe.routers, self.hidden,
+                                   self.moe.num_experts)
+            self.guesser = Guesser(routers, self.moe.top_k)
+            stats = self.guesser.stats
+        if slots is not None:
+            if not self.fused_fits:              # else the fused graph replaces this decoder (Model)
+                slots.add(expert_capacity)
+            read_ahead = prefetch is not False and expert_capacity < n_all
+            self.experts = SlotCache(slots, self.moe, policy=policy,
+                                     prefetch=(stats or PrefetchStats()) if read_ahead else None)
+        else:
+            self.experts = ExpertCache(bundle, capacity=expert_capacity, policy=policy)
+            if build_ahead and expert_capacity < n_all:
+                reads = (1 + AHEAD) * self.moe.top_k
+                self.experts.prefetcher = Prefetcher(self.experts, reads=reads, builds=reads,
                                                      stats=stats or PrefetchStats())
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
@@ -262,19 +299,90 @@ class MoEDecoder:
         self._vstep = {"seqlens_k": ov(self._seqlens), "total_sequence_length": ov(self._total)}
         self._vids, self._vpos = ov(self._ids1), ov(self._pos1)
 
-    def _rough_capacity(self, m, budget: int, context_length: int) -> int:
-        """Experts the budget will about hold, before anything is loaded (the plan measures it later):
-        the dense weights count twice (sessions, and file pages a prompt reads), an expert as packed_factor
-        estimates it with the cache's 10% margin."""
-        g = m.graph
-        blob = max(x.size for x in self.moe.experts)
-        kv = 2 * len(g.past_keys) * g.kv_num_heads * context_length * g.kv_head_dim * 4
-        free = budget - status().get("VmRSS", 0) - 2 * self._data_bytes - kv - HEADROOM
-        return int(free // (CACHE_MARGIN * packed_factor(m) * blob))
+    @property
+    def fused_fits(self) -> bool:
+        """The budget holds every expert in the fused graph (Model then runs that instead)."""
+        return self.moe.fused is not None and self.plan is not None and self.plan.budget >= self.plan.fused_need
 
-    def _measure(self, bundle: Bundle) -> tuple[int, int, int, int]:
-        """(dense part, KV cache, measured resident cost of one expert, largest blob) in bytes."""
-        base = status().get("VmRSS", 0)
+    def _builds_ahead(self, m, budget, expert_capacity, context_length, n_all, prefetch) -> bool:
+        """Session path: build ahead when the cache will hold under half of the experts (or when asked
+        and it holds fewer than all), judged before anything is loaded: the dense weights count twice
+        (sessions, and file pages a prompt reads), an expert as packed_factor estimates it."""
+        if budget is None:
+            guess = expert_capacity
+        else:
+            g = m.graph
+            blob = max(x.size for x in self.moe.experts)
+            kv = 2 * len(g.past_keys) * g.kv_num_heads * context_length * g.kv_head_dim * 4
+            free = self.baseline + budget - status().get("VmRSS", 0) - 2 * self._data_bytes - kv - HEADROOM
+            guess = int(free // (CACHE_MARGIN * packed_factor(m) * blob))
+        return guess is not None and guess < (n_all / 2 if prefetch is None else n_all)
+
+    def _dense_part(self) -> int:
+        """The model's memory so far (stages, runtime state) plus the weight file pages a prompt reads
+        again (onnxruntime's batched int4 path; SmolMoE: all 66 MB of stages.onnx.data): counted in the
+        dense part; they are dropped again when a generation ends (reset)."""
+        return status().get("VmRSS", 0) - self.baseline + self._data_bytes
+
+    def _open_slots(self, bundle: Bundle, location, progress):
+        """The slot pool (packed store prepared, slot 0 self-tested), or None after one line saying why
+        slots cannot work here (every miss then builds a session). A store that cannot be written is an
+        error (StoreError), not a reason to run slowly."""
+        from .slots import SlotError, SlotPool, self_test
+        from .store import prepare
+        try:
+            pool = SlotPool(prepare(bundle, location, progress=progress).store, len(self.moe.experts))
+            blobs = BlobReader(bundle.path(self.moe.expert_file), max(x.size for x in self.moe.experts))
+            try:
+                first, last = self.moe.experts[0], self.moe.experts[-1]
+                self_test(pool, self.moe, hidden=self.hidden, graph_path=bundle.path(self.moe.expert_graph),
+                          blobs=blobs, keys=[(first.layer, first.expert), (last.layer, last.expert)])
+            except BaseException:
+                pool.close()
+                raise
+            finally:
+                blobs.close()
+            return pool
+        except SlotError as e:
+            log.warning("expert slots cannot work here (%s): building a session per cache miss instead", e)
+            return None
+
+    def _measure_slots(self, pool) -> tuple[int, int]:
+        """(KV cache, measured resident cost of one slot) in bytes: slots made and filled with distinct
+        experts, run as prefill and decode run them (their record pages are shared memory)."""
+        kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
+        n = min(4, len(self.moe.experts))
+        before = status()
+        pool.add(1 + n)
+        io, oo = self.moe.expert_input, self.moe.expert_output
+        for i in range(n):
+            slot = pool.slots[1 + i]
+            pool.load(slot, i)
+            for rows in (PREFILL_CHUNK, 1):
+                slot.session.run([oo], {io: np.zeros((rows, self.hidden), np.float32)})
+        after = status()
+        grown = sum(after.get(k, 0) - before.get(k, 0) for k in ("RssAnon", "RssShmem"))
+        return kv, max(pool.store.header.record_size, grown // n)
+
+    def _session_plan(self, bundle: Bundle, budget: int, base: int, *, policy: str, reads: int) -> MemoryPlan:
+        """The session path's plan: a cached expert's session measured; room for a token's run-once
+        misses (lfu), and for the experts built ahead with their read buffers (dropped when the budget
+        cannot hold them)."""
+        kv, measured, blob = self._measure(bundle)
+        # 10% margin: SmolMoE int4 measures 1.56 MB per expert session and creeps up as thousands of
+        # evictions fragment the heap (with return_freed_memory; without it glibc kept ~25% more)
+        per_expert = int(max(CACHE_MARGIN * measured, blob))
+        need = self.moe.top_k if policy == "lru" else 0
+        try:
+            return self._plan(budget, base, (kv, measured), margin=CACHE_MARGIN, reserve=reads * (per_expert + blob),
+                              apart=2, need=need, lower=blob)
+        except BudgetError:
+            if not reads:
+                raise
+            return self._plan(budget, base, (kv, measured), margin=CACHE_MARGIN, apart=2, need=need, lower=blob)
+
+    def _measure(self, bundle: Bundle) -> tuple[int, int, int]:
+        """(KV cache, measured resident cost of one expert session, largest blob) in bytes."""
         base_anon = status().get("RssAnon", 0)
         kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
         n = self.moe.num_experts      # build one layer's experts, run them as prefill and decode do, measure
@@ -289,28 +397,24 @@ class MoEDecoder:
         per_expert = int((anon - base_anon) / n)
         probe.close()
         del probe
-        # prompts (batches > 1) read the dense weights' file pages again (onnxruntime's batched int4
-        # path; SmolMoE: all 66 MB of stages.onnx.data): count them in the dense part. They are
-        # dropped again when a generation ends (reset).
-        return base + self._data_bytes, kv, per_expert, blob
+        return kv, per_expert, blob
 
-    def _plan(self, budget: int, policy: str, measured: tuple[int, int, int, int], *, slots: int) -> MemoryPlan:
-        """Size the expert cache so that the whole process stays under `budget` bytes."""
-        base, kv, measured_expert, blob = measured
-        # 10% margin for the cache: SmolMoE int4 measures 1.56 MB per expert and creeps up as thousands
-        # of evictions fragment the heap (with return_freed_memory; without it glibc kept ~25% more)
-        per_expert = int(max(CACHE_MARGIN * measured_expert, blob))
-        # room for experts that run once, and for those the prefetcher builds ahead (and its read buffer)
-        read_ahead = slots * (per_expert + blob)
-        free = budget - base - kv - HEADROOM - 2 * per_expert - read_ahead
+    def _plan(self, budget: int, base: int, measured: tuple[int, int], *, margin: float, reserve: int = 0,
+              apart: int = 0, need: int = 0, lower: int = 0) -> MemoryPlan:
+        """Size the expert cache so that the model stays under `budget` bytes of its own. `reserve`:
+        bytes kept for reading ahead; `apart`: experts held beside the cache (the session path's
+        run-once misses); `need`: the least capacity that works."""
+        kv, measured_expert = measured
+        per_expert = int(max(margin * measured_expert, lower))
         # the fused graph holds every expert once, prepacked as a session holds it, and never evicts;
         # its load peaks above its steady RSS by about what the stages' load did (the tied head's
         # packing: SmolMoE int4 22 MB, as SmolLM2's), so the larger of that and the headroom
         # (SmolMoE int4 at context 256: 672 MB against 710 MB for every expert in the cache; the fused
         # graph peaks at 616 MB RSS and ran at 116 tok/s in a cgroup of 672 MB)
-        fused = base + kv + max(HEADROOM, self._load_transient) + len(self.moe.experts) * max(measured_expert, blob)
-        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, max(0, free // per_expert), fused, read_ahead)
-        if free < 0 or (policy == "lru" and plan.capacity < self.moe.top_k):
+        fused = base + kv + max(HEADROOM, self._load_transient) + len(self.moe.experts) * max(measured_expert, lower)
+        capacity = max(0, (budget - base - kv - HEADROOM - reserve) // per_expert - apart)
+        plan = MemoryPlan(budget, base, kv, HEADROOM, per_expert, capacity, fused, reserve, apart + need)
+        if budget < plan.minimum:
             raise BudgetError(f"memory budget {budget / 2**20:.0f} MB is too small for this model at context "
                               f"{self.context_length}: it needs at least {plan.minimum / 2**20:.0f} MB "
                               f"({plan.describe()}); raise the budget or lower the context length")
@@ -338,18 +442,18 @@ class MoEDecoder:
         ids, w = route(logits, self.moe.top_k, self.moe.normalize_topk)
         if self.experts.prefetcher is not None:
             self.experts.prefetcher.at(layer)
-            self.experts.prefetcher.want(layer, np.unique(ids))          # build misses while we build others
+            self.experts.prefetcher.want(layer, np.unique(ids))          # read misses while we read others
         out = np.zeros_like(x)
-        io, oo = self.moe.expert_input, self.moe.expert_output
+        io = self.moe.expert_input
         if x.shape[0] == 1:                                   # decode: no gathering needed
             for e, wk in zip(ids[0], w[0]):
                 if wk:
-                    out += wk * self.experts.get(layer, int(e)).run([oo], {io: x})[0]
+                    out += wk * self.experts.run(layer, int(e), {io: x})
             return out
-        for e in np.unique(ids[w > 0])[::-1]:             # the prefetcher builds from the other end
-            tok, slot = np.nonzero((ids == e) & (w > 0))
-            y = self.experts.get(layer, int(e)).run([oo], {io: x[tok]})[0]
-            np.add.at(out, tok, w[tok, slot][:, None] * y)
+        for e in np.unique(ids[w > 0])[::-1]:             # the prefetcher reads from the other end
+            tok, k = np.nonzero((ids == e) & (w > 0))
+            y = self.experts.run(layer, int(e), {io: x[tok]})
+            np.add.at(out, tok, w[tok, k][:, None] * y)
         return out
 
     def _bind_decode(self) -> None:
@@ -392,17 +496,13 @@ class MoEDecoder:
             top, w = route_one(logits[0], K, norm)
             if pf is not None:
                 pf.at(layer)
-                pf.want(layer, top)                           # one miss is built there while we build the other
+                pf.want(layer, top)                           # one miss is read there while we read the other
             if guesser is not None:
                 guesser.check(layer, top)
-                guess = guesser.guess(layer, b["x"][0])
-                if pf is not None and guess is not None:
-                    pf.want(layer + 1, guess)                 # built in the background while these run
-                    for ahead in range(2, AHEAD + 1):
-                        g = guesser.further(layer, b["x"][0], ahead)
-                        if g is not None:
-                            pf.want(layer + ahead, g)
-            for k in reversed(range(K)):      # the prefetcher builds a first miss while we build the last
+                for ahead, guess in guesser.guess(layer, b["x"][0]):
+                    if pf is not None:
+                        pf.want(ahead, guess)                 # read in the background while these run
+            for k in reversed(range(K)):      # the reader takes a first miss while we read the last
                 if w[k]:
                     self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)
             np.multiply(self._y[0][0], w[0], out=hidden)

@@ -61,28 +61,29 @@ def load_routers(path, offsets: tuple[int, ...], hidden: int, experts: int) -> l
 
 
 class Guesser:
-    """Top-k of the next layer's router on the current MLP input; counts precision and recall."""
+    """Top-k of the next layers' routers on the current MLP input; counts precision and recall (of the
+    guesses one layer ahead)."""
 
-    def __init__(self, routers: list[np.ndarray], top_k: int):
-        self.routers = routers
+    def __init__(self, routers: list[np.ndarray], top_k: int, ahead: int = AHEAD):
         self.top_k = top_k
+        self.experts = routers[0].shape[1]
+        # for layer i, the routers of layers i+1 .. i+ahead side by side, [H, ahead * E]: one product
+        self.stacked = [np.ascontiguousarray(np.concatenate(routers[i + 1:i + 1 + ahead], axis=1))
+                        if i + 1 < len(routers) else None for i in range(len(routers))]
         self.stats = PrefetchStats()
         self._pending: tuple[int, set[int]] | None = None
 
-    def guess(self, layer: int, x: np.ndarray) -> np.ndarray | None:
-        """Experts layer+1 will likely use, from x [H] (layer's MLP input); None after the last layer."""
-        top = self.further(layer, x, 1)
-        if top is None:
-            return None
-        self._pending = (layer + 1, set(int(e) for e in top))
+    def guess(self, layer: int, x: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """[(layer + a, the experts its router picks on x [H], layer's MLP input)] for the layers ahead
+        (none after the last); the guess for layer + 1 is scored by check()."""
+        routers = self.stacked[layer]
+        if routers is None:
+            return []
+        scores = (x @ routers).reshape(-1, self.experts)                                   # [ahead, E]
+        top = np.argpartition(-scores, self.top_k - 1, axis=1)[:, :self.top_k]
+        self._pending = (layer + 1, set(top[0].tolist()))
         self.stats.guessed += self.top_k
-        return top
-
-    def further(self, layer: int, x: np.ndarray, ahead: int) -> np.ndarray | None:
-        """Experts layer+ahead will likely use (unscored); None past the last layer."""
-        if layer + ahead >= len(self.routers):
-            return None
-        return np.argpartition(-(x @ self.routers[layer + ahead]), self.top_k - 1)[:self.top_k]
+        return [(layer + 1 + a, top[a]) for a in range(len(top))]
 
     def check(self, layer: int, used) -> None:
         """Score the guess made for `layer` against the experts it used."""

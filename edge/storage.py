@@ -83,6 +83,30 @@ class BlobReader:
             os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_DONTNEED)
         return buf[:size]
 
+    def read_views(self, offset: int, views: list[memoryview], *, what: str = "record") -> int:
+        """Fill `views` (page-aligned, whole pages) with the file's bytes from `offset` on, in order, with
+        one preadv where the kernel allows (an expert slot's pages, wherever onnxruntime maps them)."""
+        size = sum(v.nbytes for v in views)
+        where = f"{what} at offset {offset} ({size} bytes) of {self.path}"
+        if offset < 0 or offset + size > self.file_size:
+            raise BundleError(f"{where}: the file has only {self.file_size} bytes; it is truncated")
+        done, todo = 0, list(views)
+        try:
+            while todo:
+                n = os.preadv(self.fd, todo, offset + done)
+                if n == 0:
+                    raise BundleError(f"{where}: the file ended after {done} bytes (was it truncated while in use?)")
+                done += n
+                while todo and n >= todo[0].nbytes:
+                    n -= todo.pop(0).nbytes
+                if todo and n:
+                    todo[0] = todo[0][n:]
+        except OSError as e:
+            raise BundleError(f"{where}: read failed: {e.strerror}") from None
+        if not self.direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_DONTNEED)
+        return size
+
     def buffer(self) -> np.ndarray:
         """Another page-aligned buffer that `read(..., into=)` can fill (one blob's size)."""
         return _aligned_buffer(self.buf.size)

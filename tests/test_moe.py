@@ -86,7 +86,7 @@ def test_staged_experts_add_up_as_qmoe_does(tmp_path):
     logits = rng.standard_normal((S, E)).astype(np.float32)
     logits[0, 3] = logits[0].max() + 20                        # one token's second expert weighs < 1e-8
     want = fused.run(None, {"x": x, "r": logits})[0]
-    cache = SimpleNamespace(get=lambda layer, e: sessions[e], prefetcher=None)
+    cache = SimpleNamespace(run=lambda layer, e, feeds: sessions[e].run(["y"], feeds)[0], prefetcher=None)
     decoder = SimpleNamespace(moe=SimpleNamespace(top_k=2, normalize_topk=True, expert_input="x", expert_output="y"),
                               experts=cache)
     assert np.array_equal(MoEDecoder._mix(decoder, 0, x, logits), want)
@@ -100,31 +100,34 @@ def test_staged_experts_add_up_as_qmoe_does(tmp_path):
 
 @pytest.mark.parametrize("arch,quant", [("mixtral", "fp32"), ("mixtral", "int4"), ("qwen2_moe", "int4"),
                                        ("qwen2_moe-mixed", "int4")])
-def test_small_expert_cache_gives_identical_tokens(tiny_bundle, arch, quant):
+@pytest.mark.parametrize("slots", [True, False])
+def test_small_expert_cache_gives_identical_tokens(tiny_bundle, arch, quant, slots):
     b = tiny_bundle(arch, quant)
     prompts = [[5, 17, 99, 3, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
     full = edge.load(b, threads=1, context_length=64, expert_capacity=8)     # staged, all 8 experts resident
     want = [full.generate_ids(p, max_new_tokens=20) for p in prompts]
-    small = edge.load(b, threads=1, context_length=64, expert_capacity=2)      # one token's top-2, nothing more
+    small = edge.load(b, threads=1, context_length=64, expert_capacity=2, expert_slots=slots)  # a token's top-2
+    assert type(small.decoder.experts).__name__ == ("SlotCache" if slots else "ExpertCache")
     assert [small.generate_ids(p, max_new_tokens=20) for p in prompts] == want
     s = small.decoder.experts.stats
     assert s.misses > 8 and s.evictions > 0 and len(small.decoder.experts.cache) <= 2
 
 
-def test_prefetch_guesses_are_scored_and_change_nothing(tiny_bundle):
-    """The next layers' routers on the current hidden state guess their experts; with prefetch on,
-    misses and guesses are read and built in the background, greedy output stays that of the
-    all-resident run, and no read buffer is lost. Off by default on one thread or when the cache
-    holds at least half the experts; on below half."""
+def test_session_build_ahead_guesses_are_scored_and_change_nothing(tiny_bundle):
+    """The next layers' routers on the current hidden state guess their experts; on the session path
+    with prefetch on, misses and guesses are read and built in the background, greedy output stays
+    that of the all-resident run, and no read buffer is lost. Off by default on one thread or when the
+    cache holds at least half the experts; on below half."""
     from edge.prefetch import AHEAD
     b = tiny_bundle("mixtral", "int4")
     want = edge.load(b, threads=1, context_length=64, expert_capacity=8).generate_ids([5, 17, 99, 3], max_new_tokens=16)
     n_all = len(edge.load(b, threads=1, context_length=64, expert_capacity=8).manifest.moe.experts)
-    assert edge.load(b, threads=1, context_length=64, expert_capacity=3).decoder.experts.prefetcher is None
-    assert edge.load(b, threads=2, context_length=64, expert_capacity=n_all // 2).decoder.experts.prefetcher is None
-    assert edge.load(b, threads=2, context_length=64, expert_capacity=3).decoder.experts.prefetcher is not None
+    sessions = dict(threads=2, context_length=64, expert_slots=False)
+    assert edge.load(b, **dict(sessions, threads=1), expert_capacity=3).decoder.experts.prefetcher is None
+    assert edge.load(b, **sessions, expert_capacity=n_all // 2).decoder.experts.prefetcher is None
+    assert edge.load(b, **sessions, expert_capacity=3).decoder.experts.prefetcher is not None
     for prefetch in (False, True):
-        m = edge.load(b, threads=2, context_length=64, expert_capacity=3, prefetch=prefetch)
+        m = edge.load(b, **sessions, expert_capacity=3, prefetch=prefetch)
         assert m.manifest.moe.routers and m.decoder.guesser is not None
         assert m.generate_ids([5, 17, 99, 3], max_new_tokens=16) == want
         g = m.decoder.guesser.stats
@@ -140,6 +143,32 @@ def test_prefetch_guesses_are_scored_and_change_nothing(tiny_bundle):
             threads = pf.threads
             m.decoder.experts.close()
             assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.parametrize("capacity", [2, 3, 5])
+def test_slot_read_ahead_changes_nothing(tiny_bundle, capacity):
+    """With slots, a reader thread reads a layer's misses and the next layers' guessed experts into
+    slots while the decode runs (on by default, one thread or two); greedy output and logits stay
+    those of the fused graph, the guesses are scored, and what was read ahead is counted as used or
+    wasted; closing the cache stops the thread."""
+    b = tiny_bundle("mixtral", "int4")
+    fused = edge.load(b, threads=1, context_length=64)
+    ids = [5, 17, 99, 3, 250, 7, 8, 9]
+    want = fused.generate_ids(ids, max_new_tokens=16)
+    m = edge.load(b, threads=1, context_length=64, expert_capacity=capacity)
+    c = m.decoder.experts
+    assert type(c).__name__ == "SlotCache" and c.prefetcher is not None and c.capacity == capacity
+    assert m.generate_ids(ids, max_new_tokens=16) == want
+    assert np.array_equal(m.logits(ids), fused.logits(ids))
+    g = c.prefetcher.stats
+    assert g.guessed > 0 and g.served + g.wasted <= g.loaded
+    assert (g.loaded > 0) == (capacity > m.manifest.moe.top_k)          # reads ahead leave a token's slots alone
+    assert c.stats.misses >= g.served and (c.pins == 0).all() and not c.loading.any()
+    thread = c.prefetcher.thread
+    c.close()
+    assert not thread.is_alive()
+    off = edge.load(b, threads=1, context_length=64, expert_capacity=capacity, prefetch=False)
+    assert off.decoder.experts.prefetcher is None and off.generate_ids(ids, max_new_tokens=16) == want
 
 
 @pytest.mark.parametrize("arch,quant", [("mixtral", "int4"), ("mixtral", "int8"), ("qwen3_moe", "int4"), ("olmoe", "int4"),
@@ -177,7 +206,7 @@ def test_dense_layers_among_sparse_ones(tiny_bundle):
     assert ["router_logits" in st.outputs for st in moe.stages[:-1]] == [False, True, True, False]
     assert sorted({e.layer for e in moe.experts}) == [0, 1] and len(moe.routers) == 2
     small = edge.load(b, threads=2, context_length=64, expert_capacity=3, prefetch=True)
-    assert small.decoder.experts.prefetcher is not None
+    assert small.decoder.experts.prefetcher is not None and type(small.decoder.experts).__name__ == "SlotCache"
     ids = [5, 17, 99, 3, 250, 7, 8, 9]
     assert np.array_equal(fused.logits(ids), small.logits(ids))
     assert fused.generate_ids(ids, max_new_tokens=12) == small.generate_ids(ids, max_new_tokens=12)
@@ -292,18 +321,18 @@ def test_fused_graph_needs_no_cache_margin(tiny_bundle):
     """The fused graph holds every expert once and never evicts: it needs the dense part, the KV cache,
     every expert at its measured cost and the larger of the headroom and the load's packing peak, not
     the cache's 10% fragmentation margin, so a budget a little short of caching every expert runs it."""
-    from edge.moe import HEADROOM, MoEDecoder
+    from edge.moe import CACHE_MARGIN, HEADROOM, MoEDecoder
     b = tiny_bundle("mixtral", "int4")
     d = edge.load(b, threads=1, context_length=64, expert_capacity=2).decoder
     assert isinstance(d, MoEDecoder)
     n, MB = len(d.moe.experts), 2 ** 20
-    measured = (200 * MB, 8 * MB, 2 * MB, MB)                   # dense part, KV cache, one expert, largest blob
+    base, measured = 200 * MB, (8 * MB, 2 * MB)                 # dense part; KV cache, one expert
     d._load_transient = 0
     need = 200 * MB + 8 * MB + HEADROOM + n * 2 * MB
-    plan = d._plan(need, "lfu", measured, slots=0)
+    plan = d._plan(need, base, measured, margin=CACHE_MARGIN, apart=2, lower=MB)
     assert plan.fused_need == need and plan.capacity < n        # the cache would not hold them all
     d._load_transient = HEADROOM + 30 * MB                      # a packing peak above the headroom counts
-    assert d._plan(need, "lfu", measured, slots=0).fused_need == need + 30 * MB
+    assert d._plan(need, base, measured, margin=CACHE_MARGIN, apart=2, lower=MB).fused_need == need + 30 * MB
 
 
 def test_memory_budget_is_refused_for_dense_models(tiny_bundle):
@@ -371,7 +400,7 @@ def test_short_expert_read_names_file_and_offset(tiny_bundle, tmp_path):
     src = tiny_bundle("mixtral", "int4")
     dst = tmp_path / "b"
     shutil.copytree(src, dst)
-    m = edge.load(dst, threads=1, context_length=32, expert_capacity=2)
+    m = edge.load(dst, threads=1, context_length=32, expert_capacity=2, expert_slots=False)
     experts = dst / m.manifest.moe.expert_file
     last = max(m.manifest.moe.experts, key=lambda e: e.offset)
     os.truncate(experts, last.offset + 10)

@@ -2,6 +2,7 @@
 # Prove the runtime (not the exporter) installs and runs on 64-bit ARM Linux, under emulation.
 #
 #   sudo tests/arm64/check.sh BUNDLE [ROOT_DIR]      # ROOT_DIR default /var/tmp/edge-arm64-root
+#   sudo EXPERT_CAPACITY=4 QEMU_CPU=cortex-a57 tests/arm64/check.sh MOE_BUNDLE   # expert slots on ARM
 #
 # 1. installs qemu-user-static and debootstrap (Debian packages) if missing, registers aarch64
 #    with binfmt_misc;
@@ -13,7 +14,12 @@
 # 4. in the chroot: a venv with `pip install edge` from those wheels only, and WITHOUT the
 #    [export] extras (checked: onnx/gguf/torch must not be importable);
 # 5. runs tests/arm64/greedy.py with BUNDLE (exported on x86) on the host and in the chroot, and
-#    compares the greedy token ids; prints a summary and exits 1 if they differ.
+#    compares the greedy token ids; prints a summary and exits 1 if they differ. With
+#    EXPERT_CAPACITY=N (a Mixture-of-Experts bundle) each machine also loads it with N experts
+#    cached: the summary says whether expert slots passed their self-test there (or the runtime fell
+#    back to a session per miss) and whether the greedy tokens equal that machine's unlimited run.
+#    QEMU_CPU picks the emulated CPU (max: dotprod and i8mm; cortex-a57: neither, as a Raspberry
+#    Pi 4's Cortex-A72), which decides onnxruntime's packed layout.
 #
 # Requirements: root (mount, chroot, apt), x86-64 Debian/Ubuntu host with the runtime installed
 # for $PYTHON (default python3), network from the host to the Debian mirror and PyPI.
@@ -30,6 +36,7 @@ set -euo pipefail
 BUNDLE=${1:?usage: $0 BUNDLE [ROOT_DIR]}
 ROOT=${2:-/var/tmp/edge-arm64-root}
 TOKENS=${TOKENS:-32}
+EXTRA=${EXPERT_CAPACITY:+--expert-capacity $EXPERT_CAPACITY}
 PY=${PYTHON:-python3}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BUNDLE=$(cd "$BUNDLE" && pwd)
@@ -119,10 +126,12 @@ rm -rf "$ROOT/opt/edge/bundle" && cp -a "$BUNDLE" "$ROOT/opt/edge/bundle"
 cp "$REPO/tests/arm64/greedy.py" "$ROOT/opt/edge/greedy.py"
 inroot /opt/edge/venv/bin/edge inspect /opt/edge/bundle >&2          # the CLI entry point works too
 OUT=$TMP
-(cd "$OUT" && "$PY" "$REPO/tests/arm64/greedy.py" "$BUNDLE" --tokens "$TOKENS") > "$OUT/host.json"
+rm -rf "$ROOT/opt/edge/bundle/packed"                 # the x86 store must not travel: ARM packs its own
+(cd "$OUT" && "$PY" "$REPO/tests/arm64/greedy.py" "$BUNDLE" --tokens "$TOKENS" $EXTRA) > "$OUT/host.json"
 cat "$OUT/host.json" >&2
 TA=$(date +%s%N)
-inroot $VPY /opt/edge/greedy.py /opt/edge/bundle --tokens "$TOKENS" > "$OUT/arm.json"
+inroot ${QEMU_CPU:+env QEMU_CPU=$QEMU_CPU} $VPY /opt/edge/greedy.py /opt/edge/bundle --tokens "$TOKENS" $EXTRA \
+    > "$OUT/arm.json"
 TB=$(date +%s%N)
 cat "$OUT/arm.json" >&2
 
@@ -136,6 +145,12 @@ rows = [("host arch", h["machine"]), ("emulated arch", a["machine"]),
         (f'greedy tokens equal ({len(h["tokens"])})', "yes" if same else "NO"),
         ("x86 decode tok/s", h["decode_tok_s"]), ("emulated decode tok/s", a["decode_tok_s"]),
         ("emulated greedy.py wall s", int(sys.argv[3]) / 1000), ("total wall s", int(sys.argv[4]) / 1000)]
+for name, run in (("host", h), ("emulated", a)):
+    if run.get("experts"):
+        e = run["experts"]
+        rows.append((f"{name}: {e['capacity']} experts cached", f"{e['path']}, greedy equal to unlimited: "
+                     + ("yes" if e["same_as_unlimited"] else "NO")))
+        same = same and e["same_as_unlimited"]
 for k, v in rows:
     print(f"{k:<30} {v}")
 if not same:
