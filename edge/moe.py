@@ -214,7 +214,7 @@ class MoEDecoder:
         self._data_files = [bundle.path(f.path) for f in data]
         self._data_bytes = sum(f.size for f in data)
         limited = budget is not None or (expert_capacity is not None and expert_capacity < n_all)
-        slots = expert_slots and limited
+        want_slots = expert_slots and limited
         # Session build-ahead (prefetch on the session path): a background thread reads and builds the
         # experts this layer misses and the next AHEAD layers' routers guess. SmolMoE int4, 2 cores:
         # 1.4-1.6x the decode speed at a quarter of the experts, about level at half, 0.85x at 80% (few
@@ -222,7 +222,7 @@ class MoEDecoder:
         # a core, so onnxruntime's process-wide pool gets threads - 1 (a spinning pool thread would take
         # the builder's core); the choice is made on an estimate, before any session exists. Slot reads
         # take no core: the pool keeps every thread.
-        build_ahead = not slots and threads >= 2 and prefetch is not False and \
+        build_ahead = not want_slots and threads >= 2 and prefetch is not False and \
             self._builds_ahead(m, budget, expert_capacity, context_length, n_all, prefetch)
         use_global_pool(threads - 1 if build_ahead else threads)
         g = m.graph
@@ -243,7 +243,7 @@ class MoEDecoder:
             kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
             self._plan(budget, base, (kv, int(packed_factor(m) * max(x.size for x in self.moe.experts))),
                        margin=1.0, need=self.moe.top_k)
-        slots = self._open_slots(bundle, expert_store, progress) if slots else None
+        slots = self._open_slots(bundle, expert_store, progress) if want_slots else None
         self.plan = None
         if budget is not None:
             if slots is not None:

@@ -3,7 +3,7 @@
 Estimated from the manifest alone (no model is loaded, so it works for a target board from the dev
 machine). The resident costs below were measured on x86-64 with onnxruntime 1.32 (SmolMoE-8x135M
 int4: dense part 140 MB for 66 MB of stage weights, plus those 66 MB of file pages again while a
-prompt runs; a cached expert as edge.experts.packed_factor estimates it, with the runtime's margin);
+prompt runs; a cached expert as edge.experts.packed_factor estimates it: an expert slot's record);
 ARM kernels pack differently, so treat them as estimates. At run time the MoE budget planner
 (edge/moe.py) measures the real costs on the device and sizes the expert cache so that the budget
 holds whatever these estimates said.
@@ -22,7 +22,7 @@ from .devices import Device
 from .errors import BudgetError
 from .manifest import Manifest
 from .experts import packed_factor
-from .moe import CACHE_MARGIN, HEADROOM  # as the runtime planner reserves
+from .moe import HEADROOM, SLOT_MARGIN  # as the runtime planner reserves
 
 RUNTIME_MB = 56              # python + onnxruntime + numpy + tokenizers, imported (VmRSS)
 DENSE_FACTOR = 1.1           # resident bytes per byte of dense (stage) weights after prepacking
@@ -79,7 +79,7 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
     # prepacked weights + the file pages of the same weights that prompts read again (edge/moe.py)
     dense = RUNTIME_MB * MiB + (DENSE_FACTOR + 1.0) * weights + TOKENIZER_FACTOR * tok
     blob = max((x.size for x in moe.experts), default=0) if moe else 0
-    per_expert = CACHE_MARGIN * packed_factor(m) * blob if moe else 0.0
+    per_expert = SLOT_MARGIN * packed_factor(m) * blob if moe else 0.0        # an expert slot
     n_experts = len(moe.experts) if moe else 0
     fixed = dense + kv + HEADROOM
     need_all = fixed + per_expert * n_experts

@@ -22,6 +22,7 @@ says. It is built in a temporary folder beside that place and renamed into it wh
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -40,6 +41,7 @@ import onnxruntime as ort
 from .bundle import Bundle
 from .engine import open_session, pooled_options
 from .errors import StoreError
+from .memory import _libc
 from .progress import Progress, quiet
 from .schema import from_dict, to_dict
 from .experts import expert_values
@@ -48,7 +50,7 @@ from .slots import PAGE, SlotError, SlotMemory, new_session_mappings, probe_inpu
 from .storage import BlobReader
 
 FORMAT = 1
-_ISA = re.compile(r"^(sse\d\w*|ssse3|avx\w*|fma\w*|f16c|amx\w*|asimd\w*|sve\w*|sme\w*|i8mm|bf16|dotprod|fphp|fp16\w*)$")
+_ISA = re.compile(r"^(sse\d\w*|ssse3|avx\w*|fma\w*|f16c|amx\w*|asimd\w*|sve\w*|sme(\d\w*)?|i8mm|bf16|dotprod|fphp|fp16\w*)$")
 
 
 @dataclass(frozen=True)
@@ -74,18 +76,24 @@ def bundle_identity(bundle: Bundle) -> str:
 
 
 def cpu_signature() -> str:
-    """The machine and its ISA extensions (/proc/cpuinfo), which decide onnxruntime's packed layout."""
+    """The machine and its ISA extensions, which decide onnxruntime's packed layout: /proc/cpuinfo's
+    flags (x86) or Features (ARM), and the kernel's hardware capability words (getauxval AT_HWCAP and
+    AT_HWCAP2), which is what onnxruntime reads on ARM and what an emulator reports truly."""
     flags = set()
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        block = text.split("\n\n", 1)[0]
+        block = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
         for line in block.splitlines():
             key, _, value = line.partition(":")
             if key.strip() in ("flags", "Features"):
                 flags = {f for f in value.split() if _ISA.match(f)}
     except OSError:
         pass
-    return f"{platform.machine()}:{','.join(sorted(flags))}"
+    hwcap = ""
+    getauxval = getattr(_libc(), "getauxval", None)
+    if getauxval is not None:
+        getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+        hwcap = f":hwcap={getauxval(16):x},{getauxval(26):x}"          # AT_HWCAP, AT_HWCAP2
+    return f"{platform.machine()}:{','.join(sorted(flags))}{hwcap}"
 
 
 def default_location(bundle: Bundle) -> Path:
@@ -230,42 +238,51 @@ def _save_packed(bundle: Bundle, blob: np.ndarray, folder: Path) -> tuple[bytes,
 
 
 def _runtime_spans(bundle: Bundle, folder: Path, data: bytes) -> list[tuple[int, int]]:
-    """The page ranges of template.data that a session made from the template reads at run time:
-    each range onnxruntime maps is zeroed in turn (in slot memory, under the session's mappings), and
-    kept when that changes the expert's output on a probe (or makes it fail)."""
+    """The page ranges of template.data that a session made from the template reads at run time: each
+    range onnxruntime maps is zeroed in turn, under a new session's mappings (a kernel may keep what it
+    derives from its weights at its first run), and kept when that changes the expert's output on a
+    probe (or makes it fail)."""
     moe = bundle.manifest.moe
     so = pooled_options()
     so.log_severity_level = 4                # zeroed shapes make onnxruntime log errors: expected here
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    session, maps = new_session_mappings(folder / "template.data",
-                                         lambda: open_session(folder / "template.onnx", so))
+    make = lambda: open_session(folder / "template.onnx", so)
+    session, maps = new_session_mappings(folder / "template.data", make)
     if not maps:
         raise SlotError("onnxruntime did not map the saved packed weights: expert slots cannot work with it")
     end = -(-len(data) // PAGE) * PAGE
-    memory = SlotMemory(1, end, name="edge-prepare")
-    try:
-        memory.overlay(0, maps)
-        covered = sorted({(m.offset, min(m.offset + m.length, end)) for m in maps})
-        for lo, hi in covered:
-            memory.write(0, lo, data[lo:hi])
-        cuts = sorted({x for span in covered for x in span})
-        segments = [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if any(a <= lo and hi <= b for a, b in covered)]
-        probes = probe_inputs(bundle.manifest.model.hidden_size, rows=(1, 2, 7, 64))
+    covered = sorted({(m.offset, min(m.offset + m.length, end)) for m in maps})
+    cuts = sorted({x for span in covered for x in span})
+    segments = [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if any(a <= lo and hi <= b for a, b in covered)]
+    probes = probe_inputs(bundle.manifest.model.hidden_size, rows=(1, 2, 7, 64))
+    memory = SlotMemory(1 + len(segments), end, name="edge-prepare")
+    sessions = [session]
 
-        def outputs():
-            try:
-                return [session.run([moe.expert_output], {moe.expert_input: x})[0] for x in probes]
-            except Exception:  # noqa: BLE001 - a zeroed shape or index makes onnxruntime fail: it was read
-                return None
-        base = outputs()
+    def outputs(region: int, zeroed: tuple[int, int] | None):
+        """The first outputs of a session over `region`, which holds the template with `zeroed` zeroed."""
+        if region:
+            s, m = new_session_mappings(folder / "template.data", make)
+            sessions.append(s)
+        else:
+            s, m = session, maps
+        memory.overlay(region, m)
+        for lo, hi in covered:
+            memory.write(region, lo, data[lo:hi])
+        if zeroed:
+            memory.write(region, zeroed[0], bytes(zeroed[1] - zeroed[0]))
+        try:
+            return [s.run([moe.expert_output], {moe.expert_input: x})[0] for x in probes]
+        except Exception:  # noqa: BLE001 - a zeroed shape or index makes onnxruntime fail: it was read
+            return None
+    try:
+        base = outputs(0, None)
         read = []
-        for lo, hi in segments:
-            memory.write(0, lo, bytes(hi - lo))
-            now = outputs()
-            memory.write(0, lo, data[lo:hi])
+        for n, (lo, hi) in enumerate(segments, 1):
+            now = outputs(n, (lo, hi))
             if now is None or any(not np.array_equal(a, b) for a, b in zip(now, base)):
                 read.append((lo, hi))
     finally:
+        sessions.clear()
         del session
         memory.close()
     spans = []

@@ -21,7 +21,7 @@ def edge_cli(*args):
 def test_plan_sizes_the_expert_cache_to_the_device(tiny_bundle, monkeypatch):
     import math
     import edge.plan
-    monkeypatch.setattr(edge.plan, "CACHE_MARGIN", 2000.0)           # tiny experts made MB-sized
+    monkeypatch.setattr(edge.plan, "SLOT_MARGIN", 2000.0)            # tiny experts made MB-sized
     m = open_bundle(tiny_bundle("mixtral", "int4")).manifest
     big = plan(m, get("raspberry-pi-5:8gb"), context=64)
     assert big.experts_cached == big.experts_total and big.budget_mb == big.need_all_mb
