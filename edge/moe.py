@@ -442,7 +442,7 @@ class MoEDecoder:
         ids, w = route(logits, self.moe.top_k, self.moe.normalize_topk)
         if self.experts.prefetcher is not None:
             self.experts.prefetcher.at(layer)
-            self.experts.prefetcher.want(layer, np.unique(ids))          # read misses while we read others
+            self.experts.prefetcher.want((layer, np.unique(ids)))        # read misses while we read others
         out = np.zeros_like(x)
         io = self.moe.expert_input
         if x.shape[0] == 1:                                   # decode: no gathering needed
@@ -488,20 +488,19 @@ class MoEDecoder:
         b, K, norm = self._b, self.moe.top_k, self.moe.normalize_topk
         hidden, logits = b["hidden"][0, 0], b["logits"][0]                   # logits [1, E]
         guesser, pf = self.guesser, self.experts.prefetcher
+        guesses = []
         for i, st in enumerate(self.stages[:-1]):
             st.session.run_with_iobinding(st.io)
             layer = self._moe_layer[i]
             if layer is None:                                 # a dense layer: done inside its stage
                 continue
             top, w = route_one(logits[0], K, norm)
-            if pf is not None:
-                pf.at(layer)
-                pf.want(layer, top)                           # one miss is read there while we read the other
             if guesser is not None:
                 guesser.check(layer, top)
-                for ahead, guess in guesser.guess(layer, b["x"][0]):
-                    if pf is not None:
-                        pf.want(ahead, guess)                 # read in the background while these run
+                guesses = guesser.guess(layer, b["x"][0])
+            if pf is not None:                                # a miss of this layer is read there while we read
+                pf.at(layer)                                  # the other, and the guesses for the next layers
+                pf.want((layer, top), *guesses)               # while these run
             for k in reversed(range(K)):      # the reader takes a first miss while we read the last
                 if w[k]:
                     self.experts.run_bound(layer, int(top[k]), self._v["x"], self._vy[k], key=k)

@@ -135,14 +135,15 @@ class Prefetcher:
                 del self.ready[key]
                 self.stats.wasted += 1
 
-    def want(self, layer: int, experts) -> None:
-        """Queue these experts of `layer` (unless resident or on their way)."""
+    def want(self, *wants) -> None:
+        """Queue (layer, experts) pairs, in order (unless resident or on their way)."""
         with self.cond:
-            for e in experts:
-                key = (layer, int(e))
-                if not (key in self.cache.cache or key in self.queued or key == self.reading or key in self.read
-                        or key in self.building or key in self.ready):
-                    self.queued.append(key)
+            for layer, experts in wants:
+                for e in experts:
+                    key = (layer, int(e))
+                    if not (key in self.cache.cache or key in self.queued or key == self.reading or key in self.read
+                            or key in self.building or key in self.ready):
+                        self.queued.append(key)
             self.cond.notify_all()
 
     def take(self, key):
