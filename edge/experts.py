@@ -433,7 +433,8 @@ class _SlotReader:
                     c.queued.wait()
                 if self.closed:
                     return
-                key, need = c.queue.popitem(last=False)
+                key = min(c.queue, key=c.queue.__getitem__)           # the one needed soonest (first queued of those)
+                need = c.queue.pop(key)
                 if key in c.cache or need < c.step:
                     continue                                          # held, or its layer has passed
                 i = c._victim(ahead=True)
