@@ -18,8 +18,8 @@ from edge.errors import BundleError, StoreError
 
 @pytest.fixture()
 def bundle(tiny_bundle, tmp_path):
-    """A private copy of the tiny int4 Mixtral bundle (its packed store is made inside it)."""
-    return shutil.copytree(tiny_bundle("mixtral", "int4"), tmp_path / "b")
+    """A private copy of the tiny int4 Mixtral bundle, without the packed store other tests made in it."""
+    return shutil.copytree(tiny_bundle("mixtral", "int4"), tmp_path / "b", ignore=shutil.ignore_patterns("packed"))
 
 
 IDS = [5, 17, 99, 3, 250, 7, 8, 9]
@@ -163,13 +163,15 @@ if sys.argv[3] == "minimum":
     sys.exit()
 m = edge.load(sys.argv[1], threads=1, context_length=64, memory_budget=int(sys.argv[3]), progress=False)
 m.generate_ids([5, 17, 99, 3, 250, 7], max_new_tokens=16)
-print(json.dumps(dict(capacity=m.decoder.plan.capacity, base=base, peak=status()["VmHWM"], rss=status()["VmRSS"])))
+p = m.decoder.plan
+print(json.dumps(dict(dense=p.base, per_expert=p.per_expert, base=base, rss=status()["VmRSS"])))
 """
 
 
 def test_a_budget_is_the_models_own_memory(bundle):
-    """A process holding 300 MB of other arrays gets the same expert cache from the same budget as a
-    fresh one, and stays within that budget above what it held."""
+    """A process holding 300 MB of other arrays sees the same dense part and per-expert cost as a fresh
+    one, so the same budget buys the same expert cache, and it stays within that budget above what it
+    held. (The tiny model's experts are ~0.1 MB: the cache's size itself swings with a MB of noise.)"""
     edge.prepare(bundle, progress=False)
     run = lambda held, budget: json.loads(subprocess.run(
         [sys.executable, "-c", _HOLD_AND_LOAD, str(bundle), str(held), str(budget)],
@@ -178,7 +180,8 @@ def test_a_budget_is_the_models_own_memory(bundle):
     runs = [run(held, budget) for held in (0, 300)]
     fresh, holding = runs
     assert holding["base"] > fresh["base"] + (290 << 20)
-    assert abs(holding["capacity"] - fresh["capacity"]) <= max(2, fresh["capacity"] // 10), runs
+    assert abs(holding["dense"] - fresh["dense"]) < (4 << 20), runs
+    assert abs(holding["per_expert"] / fresh["per_expert"] - 1) < 0.2, runs
     for r in runs:
         assert r["rss"] <= r["base"] + budget, r
 
