@@ -94,6 +94,17 @@ class _Expert:
         self.bound = {}           # (x buffer id, y buffer id) -> IOBinding for one-token steps
 
 
+def binding(session, bindings: dict, key, moe, x: ort.OrtValue, y: ort.OrtValue) -> ort.IOBinding:
+    """`session`'s IOBinding reading `x` and writing `y`, made once per buffer `key` (kept in `bindings`)."""
+    io = bindings.get(key)
+    if io is None:
+        io = session.io_binding()
+        io.bind_ortvalue_input(moe.expert_input, x)
+        io.bind_ortvalue_output(moe.expert_output, y)
+        bindings[key] = io
+    return io
+
+
 def packed_factor(m: Manifest) -> float:
     """Resident bytes of a cached expert per byte of its blob, estimated from the quantization the
     manifest records, for before any expert is built (the MoE planner then measures it): onnxruntime
@@ -186,13 +197,7 @@ class ExpertCache:
     def run_bound(self, layer: int, expert: int, x: ort.OrtValue, y: ort.OrtValue, key: tuple) -> None:
         """One-token step: run the expert reading `x` and writing `y` (bound once per session)."""
         item = self._get(layer, expert)
-        io = item.bound.get(key)
-        if io is None:
-            io = item.session.io_binding()
-            io.bind_ortvalue_input(self.moe.expert_input, x)
-            io.bind_ortvalue_output(self.moe.expert_output, y)
-            item.bound[key] = io
-        item.session.run_with_iobinding(io)
+        item.session.run_with_iobinding(binding(item.session, item.bound, key, self.moe, x, y))
 
     def get(self, layer: int, expert: int):
         """The session of expert `expert` of `layer` (resident, or loaded now)."""
@@ -294,13 +299,7 @@ class SlotCache:
         i = self._acquire((layer, expert))
         try:
             slot = self.pool.slots[i]
-            io = slot.bindings.get(key)
-            if io is None:
-                io = slot.session.io_binding()
-                io.bind_ortvalue_input(self.moe.expert_input, x)
-                io.bind_ortvalue_output(self.moe.expert_output, y)
-                slot.bindings[key] = io
-            slot.session.run_with_iobinding(io)
+            slot.session.run_with_iobinding(binding(slot.session, slot.bindings, key, self.moe, x, y))
         finally:
             self._release(i)
 

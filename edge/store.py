@@ -12,9 +12,9 @@ one read.
 The packed layout depends on the CPU (AVX2 and AVX-512 pack differently, ARM has its own) and on the
 onnxruntime version, so the store is made where it runs and made again when either changes. What a
 session reads at run time is measured, not assumed: each page range of the template that onnxruntime
-maps is zeroed in turn in a slot, and the ranges whose zeroing changes the expert's output make the
-record (x86-64: the packed weights, which carry their scales; a CPU without dot-product instructions
-also reads the scales' own tensor).
+maps is zeroed in turn under a new session's mappings, and the ranges whose zeroing changes the
+expert's output make the record (x86-64 and ARM with dot-product instructions: the packed weights,
+which carry their scales, and the page holding the graph's one constant).
 
 Where it lives: `BUNDLE/packed/` when the bundle folder is writable, else
 `$XDG_CACHE_HOME/edge/packed/<bundle id>` (~/.cache by default), or where `expert_store=` / `--store`
@@ -41,11 +41,11 @@ import onnxruntime as ort
 from .bundle import Bundle
 from .engine import open_session, pooled_options
 from .errors import StoreError
+from .experts import expert_values
 from .memory import _libc
 from .progress import Progress, quiet
-from .schema import from_dict, to_dict
-from .experts import expert_values
 from .saved_layout import blobs
+from .schema import from_dict, to_dict
 from .slots import PAGE, SlotError, SlotMemory, new_session_mappings, probe_inputs
 from .storage import BlobReader
 
