@@ -119,33 +119,51 @@ def packed_factor(m: Manifest) -> float:
     return (code + 8 / e.block_size) / (code + stored / e.block_size)
 
 
-def expert_values(moe, blob: np.ndarray) -> tuple[list[str], list[ort.OrtValue], list[np.ndarray]]:
-    """The expert graph's initializers from one expert's stored blob: (names, OrtValues over views of
-    the blob, the arrays behind them, to keep alive until a session exists). fp16-stored scales are
-    widened to the graph's fp32 (new arrays: the blob is not)."""
+def expert_values(moe, blob: np.ndarray, *, copy: bool = False) -> tuple[list[str], list[ort.OrtValue], list[np.ndarray]]:
+    """The expert graph's initializers from one expert's stored blob: (names, OrtValues, the arrays
+    behind them, to keep alive at least until a session exists): views of the blob, or copies with
+    `copy`; fp16-stored scales are widened to the graph's fp32 (new arrays either way)."""
     names, values, arrays = [], [], []
     for t in moe.expert_tensors:
         nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
         view = blob[t.offset:t.offset + nbytes].view(t.dtype).reshape(t.shape)
         if t.load_as:
             view = view.astype(t.load_as)
+        elif copy:
+            view = view.copy()
         names.append(t.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(view))
         arrays.append(view)
     return names, values, arrays
 
 
-def build_session(moe, graph_path: str, blob: np.ndarray) -> _Expert:
-    """An expert's session from its blob (the session path, and the reference slots are tested against)."""
+def build_session(moe, graph_path: str, blob: np.ndarray, *, keep_tensors: bool = True) -> _Expert:
+    """An expert's session from its blob (the session path, and the reference slots are tested against).
+    keep_tensors: the session keeps its own copy of the tensors (the blob is the reader's buffer, which
+    the next read overwrites). False is right only where onnxruntime's prepacking copied everything the
+    kernel reads, scales included (x86-64, ARM with dot-product instructions; not a Cortex-A72, whose
+    kernel reads the scales tensor at every run): kernel_reads_tensors() checks it."""
     so = pooled_options()
-    names, values, arrays = expert_values(moe, blob)
+    names, values, arrays = expert_values(moe, blob, copy=keep_tensors)
     for name, value in zip(names, values):
         so.add_initializer(name, value)
     session = open_session(graph_path, so)
-    # prepacking copied every weight: like the blob (the reader's buffer, overwritten by the next read),
-    # the widened scales are never read again and go when this returns; only the OrtValues of tensors
-    # onnxruntime keeps as they are (none for QMoE) must live as long as the session
-    return _Expert(session, [so] + [v for v, t in zip(values, moe.expert_tensors) if not t.load_as])
+    keep = [so] + (values + arrays if keep_tensors else
+                   [v for v, t in zip(values, moe.expert_tensors) if not t.load_as])
+    return _Expert(session, keep)
+
+
+def kernel_reads_tensors(moe, graph_path: str, blob: np.ndarray, hidden: int) -> bool:
+    """Does this CPU's expert kernel read the tensors handed to its session at run time, or only the
+    packed copies it made of them? Measured: a session's output on a probe, then again with every
+    tensor it was given overwritten."""
+    item = build_session(moe, graph_path, blob, keep_tensors=True)
+    x = {moe.expert_input: np.linspace(-1, 1, 3 * hidden, dtype=np.float32).reshape(3, hidden)}
+    before = item.session.run([moe.expert_output], x)[0]
+    for array in item.keep[1 + len(moe.expert_tensors):]:
+        array.view(np.uint8)[...] = 0x7F
+    after = item.session.run([moe.expert_output], x)[0]
+    return not np.array_equal(before, after, equal_nan=True)
 
 
 class ExpertCache:
@@ -155,6 +173,9 @@ class ExpertCache:
         self.graph_path = str(bundle.path(moe.expert_graph))
         self.entries = {(x.layer, x.expert): x for x in moe.experts}
         self.reader = BlobReader(bundle.path(moe.expert_file), max(x.size for x in moe.experts))
+        first = moe.experts[0]
+        self.keep_tensors = kernel_reads_tensors(moe, self.graph_path, self.reader.read(first.offset, first.size),
+                                                 bundle.manifest.model.hidden_size)
         layers = 1 + max(x.layer for x in moe.experts)
         self.rank = CachePolicy(policy, layers, moe.num_experts, decay)
         self.policy = policy
@@ -188,7 +209,7 @@ class ExpertCache:
         return blob
 
     def _build(self, blob: np.ndarray) -> _Expert:
-        return build_session(self.moe, self.graph_path, blob)
+        return build_session(self.moe, self.graph_path, blob, keep_tensors=self.keep_tensors)
 
     def run(self, layer: int, expert: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The expert's output for `feeds` (a prompt piece's rows routed to it)."""

@@ -181,7 +181,8 @@ def test_a_budget_is_the_models_own_memory(bundle):
     fresh, holding = runs
     assert holding["base"] > fresh["base"] + (290 << 20)
     assert abs(holding["dense"] - fresh["dense"]) < (4 << 20), runs
-    assert abs(holding["per_expert"] / fresh["per_expert"] - 1) < 0.2, runs
+    # a slot's measured cost is ~30 KB here, so a few pages of heap noise are 20%
+    assert abs(holding["per_expert"] - fresh["per_expert"]) <= max(0.2 * fresh["per_expert"], 16 << 10), runs
     for r in runs:
         assert r["rss"] <= r["base"] + budget, r
 
@@ -195,3 +196,35 @@ def test_cli_prepare_reports_and_is_a_no_op_the_second_time(bundle):
     r = subprocess.run([sys.executable, "-m", "edge", "prepare", str(bundle).replace("/b", "/nope")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "does not exist" in r.stderr
+
+
+def test_a_session_keeps_the_tensors_its_kernel_reads(tmp_path):
+    """An expert session must own every tensor its kernel reads at run time (the blob it came from is
+    the reader's buffer, overwritten by the next read). Where prepacking copies them all (a MatMul's
+    weight), the copies can go; where the kernel reads a tensor itself (an Add's operand here; a
+    Cortex-A72's int4 kernel reads its scales) they must stay."""
+    import onnx
+    from onnx import TensorProto, helper
+    from types import SimpleNamespace
+    from edge.engine import use_global_pool
+    from edge.experts import build_session, kernel_reads_tensors
+    from edge.manifest import ExpertTensor
+    use_global_pool(1)
+    H = 16
+    w = np.arange(H * H, dtype=np.float32).reshape(H, H) / (H * H)
+    for op, shape in (("MatMul", (H, H)), ("Add", (1, H))):
+        g = helper.make_graph([helper.make_node(op, ["x", "w"], ["y"])], "e",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", H])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", H])],
+                              [helper.make_tensor("w", TensorProto.FLOAT, shape, np.zeros(shape, np.float32).ravel())])
+        path = tmp_path / f"{op}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+        moe = SimpleNamespace(expert_tensors=(ExpertTensor("w", "float32", shape, 0),), expert_input="x", expert_output="y")
+        blob = np.frombuffer(w[:shape[0]].tobytes(), np.uint8).copy()
+        reads = kernel_reads_tensors(moe, str(path), blob, H)
+        assert reads == (op == "Add")
+        item = build_session(moe, str(path), blob, keep_tensors=reads)
+        x = np.ones((2, H), np.float32)
+        want = item.session.run(["y"], {"x": x})[0]
+        blob[:] = 0xFF                                        # the next read overwrites the buffer
+        assert np.array_equal(item.session.run(["y"], {"x": x})[0], want)

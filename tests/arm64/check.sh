@@ -149,8 +149,9 @@ for name, run in (("host", h), ("emulated", a)):
     if run.get("experts"):
         e = run["experts"]
         rows.append((f"{name}: {e['capacity']} experts cached", f"{e['path']}, greedy equal to unlimited: "
-                     + ("yes" if e["same_as_unlimited"] else "NO")))
-        same = same and e["same_as_unlimited"]
+                     + ("yes" if e["same_as_unlimited"] else "NO") + "; session path: "
+                     + ("yes" if e["sessions_same_as_unlimited"] else "NO")))
+        same = same and e["same_as_unlimited"] and e["sessions_same_as_unlimited"]
 for k, v in rows:
     print(f"{k:<30} {v}")
 if not same:
