@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from .bundle import Bundle
 from .errors import BundleError, ConfigError, ContextError
+from .kvcache import KVCache
 from .manifest import GraphSpec
 from .memory import release_file_pages
 
@@ -116,16 +117,11 @@ class Decoder:
         for f in bundle.manifest.files:     # pages read while prepacking weights are never read again
             if f.path.endswith((".data", ".bin")):
                 release_file_pages(bundle.path(f.path))
-        shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
-        self.kv = [np.zeros(shape, np.float32) for _ in range(2 * len(g.past_keys))]
+        self.kv = KVCache(g.cache, context_length)
+        self._all = range(len(g.cache))
+        self._appends = self.kv.appends(self._all)
         self.io = self.session.io_binding()
-        for i, (pk, pv, ok, ov) in enumerate(zip(g.past_keys, g.past_values, g.present_keys, g.present_values)):
-            k = ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i])
-            v = ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i + 1])
-            self.io.bind_ortvalue_input(pk, k)
-            self.io.bind_ortvalue_output(ok, k)
-            self.io.bind_ortvalue_input(pv, v)
-            self.io.bind_ortvalue_output(ov, v)
+        self.kv.bind(self.io, self._all)
         # one-token decode inputs live in fixed arrays bound once and updated in place
         self._ids1 = np.zeros((1, 1), np.int64)
         self._seqlens = np.zeros((1,), np.int32)
@@ -160,6 +156,7 @@ class Decoder:
             return in_chunks(self.forward, ids, self.prefill_chunk, all_logits)
         self._seqlens[0] = total - 1
         self._total[...] = total
+        keep = self.kv.bind_step(self.io, self._all, self.position, s) if self._appends else None   # noqa: F841
         if s == 1 and not all_logits:
             if not self._single:
                 self._bind_step(self._ids1, self._pos_last, self._logits1)

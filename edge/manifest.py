@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .errors import BundleError, ConfigError
 from .schema import from_dict, to_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -45,13 +45,54 @@ class ModelSpec:
     expert_intermediate_size: int = 0
 
 
+CACHE_UPDATES = ("in_place", "append")
+
+
+@dataclass(frozen=True)
+class CacheBuffer:
+    """One buffer of a layer's attention cache, as the graph reads and writes it.
+
+    shape: the buffer at the full context, with -1 on its context (token) axis: GroupQueryAttention's
+        keys [1, kv_heads, -1, head_dim]; MLA's latent and rotary key per token [1, -1, rank + rope_dim].
+    update: "in_place": `input` and `output` are one buffer of the whole context, written by the graph
+        itself at the step's positions; "append": `input` is the cache's first `position` tokens, and
+        `output` the step's S new ones, which the runtime binds to tokens [position, position + S) of
+        the buffer (the context axis is then the first that is not 1, so both are contiguous views).
+    """
+    input: str
+    output: str
+    shape: tuple[int, ...]
+    dtype: str                   # "float32"
+    update: str
+
+    def __post_init__(self):
+        if self.update not in CACHE_UPDATES:
+            raise ValueError(f"unknown cache update {self.update!r} (known: {', '.join(CACHE_UPDATES)})")
+        if self.dtype != "float32":
+            raise ValueError(f"unsupported cache dtype {self.dtype!r} (known: float32)")
+        if list(self.shape).count(-1) != 1 or any(d < 1 for d in self.shape if d != -1):
+            raise ValueError(f"cache shape {list(self.shape)} must have one context axis (-1) and positive sizes")
+        if self.update == "append" and any(d != 1 for d in self.shape[:self.shape.index(-1)]):
+            raise ValueError(f"an appended cache's context axis must come first (after size-1 axes): {list(self.shape)}")
+
+    def at(self, context_length: int) -> tuple[int, ...]:
+        """The buffer's shape holding `context_length` tokens."""
+        return tuple(context_length if d == -1 else d for d in self.shape)
+
+    def bytes_per_token(self) -> int:
+        n = 4
+        for d in self.shape:
+            n *= 1 if d == -1 else d
+        return n
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """Names of the decoder graph's inputs and outputs.
 
     input_ids [1, S] int64; seqlens_k [1] int32 = total-1; total_sequence_length [] int32;
     logits_positions [P] int64: which of the S positions get logits; logits [1, P, vocab].
-    KV caches are [1, kv_heads, max_context, head_dim], past and present bound to one buffer.
+    cache: every layer's attention cache buffers, in layer order (CacheBuffer).
     """
     file: str
     input_ids: str
@@ -59,28 +100,28 @@ class GraphSpec:
     total_sequence_length: str
     logits_positions: str
     logits: str
-    past_keys: tuple[str, ...]
-    past_values: tuple[str, ...]
-    present_keys: tuple[str, ...]
-    present_values: tuple[str, ...]
-    kv_num_heads: int
-    kv_head_dim: int
-    kv_dtype: str                # "float32"
+    cache: tuple[CacheBuffer, ...]
     data: tuple[str, ...] = ()   # the external-data files its weights live in (memory planning)
+
+    def cache_bytes(self, context_length: int) -> int:
+        """The attention cache's bytes at `context_length` tokens (what the runtime allocates)."""
+        return sum(c.bytes_per_token() for c in self.cache) * context_length
 
 
 @dataclass(frozen=True)
 class StageSpec:
     """One graph of a Mixture-of-Experts pipeline, with its inputs and outputs by role.
 
-    input roles: input_ids, hidden, residual, seqlens_k, total_sequence_length, logits_positions,
-                 past_key, past_value
-    output roles: moe_in (the MLP's input), residual, router_logits, present_key, present_value, logits;
-                  a dense layer's stage has no moe_in / router_logits: it outputs hidden (its MLP's output)
+    input roles: input_ids, hidden, residual, seqlens_k, total_sequence_length, logits_positions
+    output roles: moe_in (the MLP's input), residual, router_logits, moe_shared (shared experts' output,
+                  added to the routed experts'), logits; a dense layer's stage has no moe_in /
+                  router_logits: it outputs hidden (its MLP's output)
+    cache: which of the manifest's cache buffers (graph.cache) the stage reads and writes
     """
     file: str
     inputs: dict[str, str]
     outputs: dict[str, str]
+    cache: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,11 +145,50 @@ class ExpertEntry:
     sha256: str
 
 
+SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a MoE layer picks its experts from the router logits, and weighs them (edge/routing.py):
+
+        scores = softmax(logits) or sigmoid(logits)
+        choice = scores (+ the layer's correction bias, for choosing only)
+        groups: experts split into `groups` equal groups, each scored by its best choice ("max",
+            DeepSeek-V2) or the sum of its two best ("top2_sum", DeepSeek-V3); only the best
+            `top_groups` groups may be chosen from
+        ids = top_k of choice; weights = scores[ids], renormalised to sum to 1 if `normalize`, x `scale`
+    """
+    scoring: str
+    top_k: int
+    normalize: bool
+    scale: float = 1.0                 # routed_scaling_factor
+    groups: int = 1                    # n_group
+    top_groups: int = 1                # topk_group
+    group_score: str = "max"
+    bias: bool = False                 # per-expert correction bias (e_score_correction_bias), fp32 [E] a layer
+
+    def __post_init__(self):
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"unknown routing scoring {self.scoring!r} (known: {', '.join(SCORINGS)})")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"unknown routing group score {self.group_score!r} (known: {', '.join(GROUP_SCORES)})")
+        if self.top_k < 1 or self.groups < 1 or not 1 <= self.top_groups <= self.groups:
+            raise ValueError(f"routing needs top_k >= 1 and 1 <= top_groups <= groups (top_k {self.top_k}, "
+                             f"groups {self.groups}, top_groups {self.top_groups})")
+
+    @property
+    def qmoe_exact(self) -> bool:
+        """onnxruntime's QMoE routes like this (softmax, top-k, renormalised; no groups, bias or scale)."""
+        return self.scoring == "softmax" and self.normalize and self.groups == 1 and not self.bias and self.scale == 1.0
+
+
 @dataclass(frozen=True)
 class MoESpec:
     """Layers run as stages; between a layer's stage and the next, the runtime routes each token
-    (softmax over router_logits, top_k, optional renormalisation) and runs the chosen experts,
-    each an instance of `expert_graph` with its weights read from `expert_file`."""
+    (`routing` over router_logits) and runs the chosen experts, each an instance of `expert_graph`
+    with its weights read from `expert_file`."""
     stages: tuple[StageSpec, ...]          # one per decoder layer (MoE or dense), then the head
     expert_graph: str
     expert_input: str
@@ -117,12 +197,21 @@ class MoESpec:
     expert_tensors: tuple[ExpertTensor, ...]
     experts: tuple[ExpertEntry, ...]
     num_experts: int
-    top_k: int
-    normalize_topk: bool
-    routing: str = "softmax_topk"
+    routing: Routing
     fused: GraphSpec | None = None         # everything in one graph (QMoE nodes): the all-resident path
     router_file: str = ""                  # where each layer's router weight lies, fp32 [H, E] (prefetch guesses)
     routers: tuple[int, ...] = ()          # byte offsets in router_file, one per MoE layer
+    router_biases: tuple[int, ...] = ()    # routing.bias: each MoE layer's correction bias, fp32 [E], in router_file
+
+    def __post_init__(self):
+        if self.routing.bias and not self.router_biases:
+            raise ValueError("routing.bias needs router_biases: one offset per MoE layer in router_file")
+        if self.num_experts % self.routing.groups:
+            raise ValueError(f"{self.num_experts} experts do not split into {self.routing.groups} routing groups")
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
 
     def moe_layers(self) -> list[int | None]:
         """Per stage before the head: its MoE layer (the experts' numbering: the n-th stage with
@@ -214,10 +303,52 @@ class Manifest:
         if version > FORMAT_VERSION:
             raise BundleError(f"bundle format {version} is newer than this edge understands ({FORMAT_VERSION}): "
                               "upgrade edge (pip install -U edge)")
-        if version < FORMAT_VERSION:
+        if version == 1:
+            data = _from_version_1(data)
+        elif version < FORMAT_VERSION:
             raise BundleError(f"bundle format {version} is older than this edge supports ({FORMAT_VERSION}): "
                               "re-export it with `edge export`")
         try:
             return from_dict(Manifest, data, "manifest")
         except ConfigError as e:
             raise BundleError(f"invalid manifest.json: {e}") from None
+
+
+def _from_version_1(data: dict) -> dict:
+    """A format-1 manifest in format 2's terms: its GQA-only KV fields become cache buffers (two per
+    layer, written in place), its MoE stages' past/present roles their cache indices, and its
+    routing fields a Routing (softmax, top-k, optionally renormalised: all that format 1 had)."""
+    def graph(g: dict) -> dict:
+        g = dict(g)
+        shape = [1, g.pop("kv_num_heads", 0), -1, g.pop("kv_head_dim", 0)]
+        dtype = g.pop("kv_dtype", "float32")
+        ins, outs = (list(zip(g.pop(f"past_{r}", ()), g.pop(f"present_{r}", ()))) for r in ("keys", "values"))
+        g["cache"] = [dict(input=i, output=o, shape=shape, dtype=dtype, update="in_place")
+                      for pair in zip(ins, outs) for i, o in pair]
+        return g
+    try:
+        data = dict(data, format_version=FORMAT_VERSION, graph=graph(data["graph"]))
+        moe = data.get("moe")
+        if isinstance(moe, dict):
+            moe = dict(moe)
+            stages, n = [], 0
+            for st in moe.get("stages", ()):
+                st = dict(st, inputs=dict(st["inputs"]), outputs=dict(st["outputs"]))
+                if st["inputs"].pop("past_key", None) is not None:
+                    for role in ("past_value",):
+                        st["inputs"].pop(role, None)
+                    for role in ("present_key", "present_value"):
+                        st["outputs"].pop(role, None)
+                    st["cache"] = [2 * n, 2 * n + 1]
+                    n += 1
+                stages.append(st)
+            moe["stages"] = stages
+            if moe.get("routing", "softmax_topk") != "softmax_topk":
+                raise BundleError(f"format-1 routing {moe['routing']!r} is unknown; re-export it with `edge export`")
+            moe["routing"] = dict(scoring="softmax", top_k=moe.pop("top_k"), normalize=moe.pop("normalize_topk"))
+            if moe.get("fused"):
+                moe["fused"] = graph(moe["fused"])
+            data["moe"] = moe
+    except (KeyError, TypeError, AttributeError) as e:
+        raise BundleError(f"invalid format-1 manifest.json ({e!r}); re-export it with `edge export`") from None
+    return data

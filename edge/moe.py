@@ -17,102 +17,31 @@ from .bundle import Bundle
 from .engine import (PREFILL_CHUNK, check_context_length, in_chunks, open_session, pooled_options, step_ids,
                      use_global_pool)
 from .errors import BudgetError, ConfigError
+from .kvcache import KVCache
 from .experts import ExpertCache, SlotCache, packed_factor
 from .memory import release_file_pages, reset_peak, return_freed_memory, status, trim_heap
 from .prefetch import AHEAD, Guesser, Prefetcher, PrefetchStats, load_routers
 from .progress import quiet
+from .routing import route, route_one
 from .storage import BlobReader
 
 
-def _load_expf():
-    """C's float exp, as onnxruntime's QMoE computes routing weights with it (std::exp on floats).
-    numpy's float32 exp differs from it in the last bit for ~40% of inputs; rounding a float64 exp
-    (the fallback, where no C math library is found) for ~0.07%. Takes and returns a Python float
-    (the argument is rounded to float32 on the way in, the result is a float32 value)."""
-    import ctypes
-    import ctypes.util
-    for find in (lambda: "libm.so.6", lambda: ctypes.util.find_library("m")):   # the second spawns ldconfig
-        try:
-            f = ctypes.CDLL(find()).expf
-        except (OSError, AttributeError, TypeError):
-            continue
-        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-        return f
-    return lambda x: float(np.float32(np.exp(float(np.float32(x)))))
-
-
-_expf1 = _load_expf()
-
-
-def _expf(x: np.ndarray) -> np.ndarray:
-    return np.fromiter(map(_expf1, x.ravel().tolist()), np.float32, x.size).reshape(x.shape)
-
-
-def _f32(x: float) -> float:
-    return float(np.float32(x))
-
-
-MIN_WEIGHT = np.float32(1e-8)      # QMoE skips an expert whose renormalised weight is not above this
-
-
-def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(expert ids [T, k], weights [T, k]) for fp32 router logits [T, E]: softmax over experts, top-k,
-    renormalised if asked. Ties go to the lower expert id, as torch.topk does (QMoE's own sort takes
-    the higher id on an exact tie of two fp32 logits, the one case where the paths below can differ).
-
-    The renormalised weights are computed exactly as onnxruntime's QMoE computes them (the fused
-    graph's path): e_j = expf(l_j - l_0) over the top-k logits in descending order, summed left to
-    right, times the sum's reciprocal; an expert whose weight is not above 1e-8 is skipped (weight 0:
-    callers do not run it). With the experts' outputs added in the same order, a staged layer equals
-    the fused graph's bit for bit. Runs once per layer per token: kept lean."""
-    t = np.arange(len(logits))[:, None]
-    ids = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]             # [T, k]
-    top = logits[t, ids]                                                     # [T, k], descending
-    e = _expf(top - top[:, :1])                                              # e[:, 0] = expf(0) = 1
-    total = e[:, 0].copy()
-    for j in range(1, top_k):
-        total += e[:, j]
-    w = e * (np.float32(1) / total)[:, None]
-    skip = w <= MIN_WEIGHT
-    if not normalize:       # plain softmax probabilities: QMoE's weights x the top-k probability mass
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        w = p[t, ids] / p.sum(-1, keepdims=True)
-    w[skip] = 0
-    return ids, w
-
-
-def route_one(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[list[int], list[np.float32]]:
-    """route() for one token's logits [E] (decode): the same ids and weights to the bit, in plain Python,
-    as numpy's per-call overhead dominates on a handful of logits (8 logits, k=2: 6 us against 20).
-    float32 arithmetic is done in float64 and rounded after each step, which gives float32's result
-    for a sum, product or quotient of two float32 values; expf rounds its argument to float32 itself.
-    Without renormalisation (numpy's float32 exp and sum) it is route() on the one row."""
-    if not normalize:
-        ids, w = route(logits[None], top_k, normalize)
-        return ids[0].tolist(), list(w[0])
-    row = logits.tolist()
-    ids = sorted(range(len(row)), key=lambda e: -row[e])[:top_k]      # stable: ties keep the lower id first
-    e = [_expf1(row[i] - row[ids[0]]) for i in ids]
-    total = e[0]
-    for x in e[1:]:
-        total = _f32(total + x)
-    r = _f32(1.0 / total)
-    w = [np.float32(x * r) for x in e]                               # the product, rounded to float32
-    return ids, [x if x > MIN_WEIGHT else np.float32(0) for x in w]
-
-
 class _Stage:
-    """One stage session; its KV cache (if any) is bound in place once."""
+    """One stage session; its cache buffers (if any) bound once where they are written in place, at
+    every step where they are appended to (edge/kvcache.py)."""
 
-    def __init__(self, spec, path: str, kv: tuple[np.ndarray, np.ndarray] | None):
+    def __init__(self, spec, path: str, kv: KVCache):
         self.spec = spec
+        self.kv = kv
         self.session = open_session(path, pooled_options())
         self.io = self.session.io_binding()
-        if kv is not None:
-            for role, arr in zip(("key", "value"), kv):
-                v = ort.OrtValue.ortvalue_from_numpy(arr)
-                self.io.bind_ortvalue_input(spec.inputs[f"past_{role}"], v)
-                self.io.bind_ortvalue_output(spec.outputs[f"present_{role}"], v)
+        kv.bind(self.io, spec.cache)
+        self.appends = kv.appends(spec.cache)
+
+    def run_bound(self, position: int, new_tokens: int) -> None:
+        """Run on what is bound, the cache at tokens [position, position + new_tokens)."""
+        keep = self.kv.bind_step(self.io, self.spec.cache, position, new_tokens) if self.appends else None  # noqa: F841
+        self.session.run_with_iobinding(self.io)
 
     def bind(self, feeds: dict[str, ort.OrtValue], outputs: dict[str, ort.OrtValue]) -> None:
         """Bind OrtValues by role (they stay bound until rebound)."""
@@ -121,9 +50,9 @@ class _Stage:
         for role, v in outputs.items():
             self.io.bind_ortvalue_output(self.spec.outputs[role], v)
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    def run(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], position: int, new_tokens: int) -> None:
         """feeds / outputs by role; outputs are filled in place."""
-        keep = []
+        keep = self.kv.bind_step(self.io, self.spec.cache, position, new_tokens) if self.appends else []
         for role, arr in feeds.items():
             v = ort.OrtValue.ortvalue_from_numpy(arr)
             keep.append(v)
@@ -226,13 +155,11 @@ class MoEDecoder:
             self._builds_ahead(m, budget, expert_capacity, context_length, n_all, prefetch)
         use_global_pool(threads - 1 if build_ahead else threads)
         g = m.graph
-        shape = (1, g.kv_num_heads, context_length, g.kv_head_dim)
-        self.kv = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in g.past_keys]
+        self.kv = KVCache(g.cache, context_length)
         # under a budget, the stages' packing peak above their steady RSS (_plan reserves it for the fused
         # graph): VmHWM restarts here, as load() says; 0 where it cannot, and the headroom covers it
         watch = budget is not None and reset_peak()
-        self.stages = [_Stage(st, str(bundle.path(st.file)), self.kv[i] if i < len(self.kv) else None)
-                       for i, st in enumerate(self.moe.stages)]
+        self.stages = [_Stage(st, str(bundle.path(st.file)), self.kv) for st in self.moe.stages]
         now = status()
         self._load_transient = max(0, now.get("VmHWM", 0) - now.get("VmRSS", 0)) if watch else 0
         for path in self._data_files:
@@ -240,7 +167,7 @@ class MoEDecoder:
         return_freed_memory()                  # evicted experts' memory goes back to the OS, not to a heap
         base = self._dense_part()
         if budget is not None:       # a budget that cannot hold a token's experts fails before anything is made
-            kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
+            kv = self.kv.nbytes
             self._plan(budget, base, (kv, int(packed_factor(m) * max(x.size for x in self.moe.experts))),
                        margin=1.0, need=self.moe.top_k)
         slots = self._open_slots(bundle, expert_store, progress) if want_slots else None
@@ -259,10 +186,15 @@ class MoEDecoder:
         expert_capacity = min(expert_capacity, n_all)
         self.guesser = None
         stats = None
+        self.routing = self.moe.routing
+        n_moe = sum(x is not None for x in self.moe.moe_layers())
+        self._biases = load_routers(bundle.path(self.moe.router_file), self.moe.router_biases, 1, self.moe.num_experts) \
+            if self.routing.bias else [None] * n_moe                      # [1, E] each: choosing only
+        self._biases = [b if b is None else b[0] for b in self._biases]
         if expert_capacity < n_all and self.moe.routers:
             routers = load_routers(bundle.path(self.moe.router_file), self.moe.routers, self.hidden,
                                    self.moe.num_experts)
-            self.guesser = Guesser(routers, self.moe.top_k)
+            self.guesser = Guesser(routers, self.moe.routing, self._biases)
             stats = self.guesser.stats
         if slots is not None:
             if not self.fused_fits:              # else the fused graph replaces this decoder (Model)
@@ -313,7 +245,7 @@ class MoEDecoder:
         else:
             g = m.graph
             blob = max(x.size for x in self.moe.experts)
-            kv = 2 * len(g.past_keys) * g.kv_num_heads * context_length * g.kv_head_dim * 4
+            kv = g.cache_bytes(context_length)
             free = self.baseline + budget - status().get("VmRSS", 0) - 2 * self._data_bytes - kv - HEADROOM
             guess = int(free // (CACHE_MARGIN * packed_factor(m) * blob))
         return guess is not None and guess < (n_all / 2 if prefetch is None else n_all)
@@ -350,7 +282,7 @@ class MoEDecoder:
     def _measure_slots(self, pool) -> tuple[int, int]:
         """(KV cache, measured resident cost of one slot) in bytes: slots made and filled with distinct
         experts, run as prefill and decode run them (their record pages are shared memory)."""
-        kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
+        kv = self.kv.nbytes
         n = min(4, len(self.moe.experts))
         before = status()
         pool.add(1 + n)
@@ -384,7 +316,7 @@ class MoEDecoder:
     def _measure(self, bundle: Bundle) -> tuple[int, int, int]:
         """(KV cache, measured resident cost of one expert session, largest blob) in bytes."""
         base_anon = status().get("RssAnon", 0)
-        kv = sum(k.nbytes + v.nbytes for k, v in self.kv)
+        kv = self.kv.nbytes
         n = self.moe.num_experts      # build one layer's experts, run them as prefill and decode do, measure
         probe = ExpertCache(bundle, capacity=n, policy="lru")
         io, oo = self.moe.expert_input, self.moe.expert_output
@@ -439,7 +371,7 @@ class MoEDecoder:
 
     def _mix(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """Σ_k w_k · expert_k(x) per token; x [T, H], logits [T, E] -> [T, H]."""
-        ids, w = route(logits, self.moe.top_k, self.moe.normalize_topk)
+        ids, w = route(logits, self.routing, self._biases[layer])
         if self.experts.prefetcher is not None:
             self.experts.prefetcher.at(layer)
             self.experts.prefetcher.want((layer, np.unique(ids)))        # read misses while we read others
@@ -485,16 +417,16 @@ class MoEDecoder:
         if not self._decode_bound:
             self._bind_decode()
         self._ids1[0, 0] = token
-        b, K, norm = self._b, self.moe.top_k, self.moe.normalize_topk
+        b, K, routing, at = self._b, self.moe.top_k, self.routing, self.position
         hidden, logits = b["hidden"][0, 0], b["logits"][0]                   # logits [1, E]
         guesser, pf = self.guesser, self.experts.prefetcher
         guesses = []
         for i, st in enumerate(self.stages[:-1]):
-            st.session.run_with_iobinding(st.io)
+            st.run_bound(at, 1)
             layer = self._moe_layer[i]
             if layer is None:                                 # a dense layer: done inside its stage
                 continue
-            top, w = route_one(logits[0], K, norm)
+            top, w = route_one(logits[0], routing, self._biases[layer])
             if guesser is not None:
                 guesser.check(layer, top)
                 guesses = guesser.guess(layer, b["x"][0])
@@ -510,8 +442,7 @@ class MoEDecoder:
                     hidden += w[k] * self._y[k][0]
             if self._shared[i]:
                 hidden += b["shared"][0, 0]
-        st = self.stages[-1]
-        st.session.run_with_iobinding(st.io)
+        self.stages[-1].run_bound(at, 1)
         return b["out"][0]
 
     def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
@@ -534,19 +465,20 @@ class MoEDecoder:
             residual = np.empty((1, s, H), np.float32)
             if self._moe_layer[layer] is None:               # a dense layer: its stage writes the hidden state
                 hidden = np.empty((1, s, H), np.float32)
-                st.run(feeds, {"hidden": hidden, "residual": residual})
+                st.run(feeds, {"hidden": hidden, "residual": residual}, self.position, s)
                 continue
             moe_in = np.empty((1, s, H), np.float32)
             logits = np.empty((1, s, E), np.float32)
             outs = {"moe_in": moe_in, "residual": residual, "router_logits": logits}
             if "moe_shared" in st.spec.outputs:
                 outs["moe_shared"] = shared = np.empty((1, s, H), np.float32)
-            st.run(feeds, outs)
+            st.run(feeds, outs, self.position, s)
             hidden = self._mix(self._moe_layer[layer], moe_in[0], logits[0])[None]        # [1, S, H]
             if "moe_shared" in outs:
                 hidden += shared
         positions = np.arange(s, dtype=np.int64) if all_logits else np.array([s - 1], np.int64)
         out = np.empty((1, positions.size, self.vocab_size), np.float32)
-        self.stages[-1].run({"hidden": hidden, "residual": residual, "logits_positions": positions}, {"logits": out})
+        self.stages[-1].run({"hidden": hidden, "residual": residual, "logits_positions": positions}, {"logits": out},
+                            self.position, s)
         self.position = total
         return out[0]

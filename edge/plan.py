@@ -64,7 +64,7 @@ def _mb(nbytes: float) -> float:
 def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
     ctx = min(context or 4096, m.model.max_context)
     g = m.graph
-    kv = 2 * len(g.past_keys) * g.kv_num_heads * g.kv_head_dim * ctx * 4
+    kv = g.cache_bytes(ctx)
     sizes = {f.path: f.size for f in m.files}
     moe = m.moe
     if moe is not None:           # under a budget the staged path runs: stage graphs + their data

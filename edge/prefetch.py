@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .manifest import Routing
+from .routing import choose
 from .storage import BlobReader
 
 AHEAD = 2          # layers guessed ahead (SmolMoE: 87% of guesses right one layer ahead, 84% two)
@@ -61,15 +63,19 @@ def load_routers(path, offsets: tuple[int, ...], hidden: int, experts: int) -> l
 
 
 class Guesser:
-    """Top-k of the next layers' routers on the current MLP input; counts precision and recall (of the
-    guesses one layer ahead)."""
+    """The experts the next layers' routers pick (edge/routing.py's choice) on the current MLP input;
+    counts precision and recall (of the guesses one layer ahead). biases: each MoE layer's routing
+    correction bias [E] (None without)."""
 
-    def __init__(self, routers: list[np.ndarray], top_k: int, ahead: int = AHEAD):
-        self.top_k = top_k
+    def __init__(self, routers: list[np.ndarray], routing: Routing, biases: list, ahead: int = AHEAD):
+        self.routing = routing
+        self.top_k = routing.top_k
         self.experts = routers[0].shape[1]
         # for layer i, the routers of layers i+1 .. i+ahead side by side, [H, ahead * E]: one product
         self.stacked = [np.ascontiguousarray(np.concatenate(routers[i + 1:i + 1 + ahead], axis=1))
                         if i + 1 < len(routers) else None for i in range(len(routers))]
+        self.biases = [np.stack(biases[i + 1:i + 1 + ahead]) if routing.bias and i + 1 < len(routers) else None
+                       for i in range(len(routers))]                                     # [ahead, E]
         self.stats = PrefetchStats()
         self._pending: tuple[int, set[int]] | None = None
 
@@ -79,8 +85,8 @@ class Guesser:
         routers = self.stacked[layer]
         if routers is None:
             return []
-        scores = (x @ routers).reshape(-1, self.experts)                                   # [ahead, E]
-        top = np.argpartition(-scores, self.top_k - 1, axis=1)[:, :self.top_k]
+        logits = (x @ routers).reshape(-1, self.experts)                                   # [ahead, E]
+        top = choose(logits, self.routing, self.biases[layer])
         self._pending = (layer + 1, set(top[0].tolist()))
         self.stats.guessed += self.top_k
         return [(layer + 1 + a, top[a]) for a in range(len(top))]

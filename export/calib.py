@@ -33,7 +33,8 @@ from edge.bundle import Bundle, open_bundle
 from edge.engine import default_threads, open_session, pooled_options, use_global_pool
 from edge.errors import ConfigError
 from edge.experts import ExpertCache
-from edge.moe import route
+from edge.prefetch import load_routers
+from edge.routing import route
 from edge.text import Text
 
 CONTEXT = 512
@@ -164,17 +165,24 @@ def _linears(bundle: Bundle) -> set[str]:
     return {t.name for t in bundle.manifest.tensors}
 
 
+def _empty_cache(g, indices, ctx: int) -> dict[str, np.ndarray]:
+    """Inputs for an empty attention cache (each window starts from none): the whole buffer where
+    the graph writes in place, no tokens where it appends."""
+    return {g.cache[i].input: np.zeros(g.cache[i].at(ctx if g.cache[i].update == "in_place" else 0), np.float32)
+            for i in indices}
+
+
 def _run_dense(bundle: Bundle, ids: list[int], acc: _Acc, ctx: int) -> None:
     g = bundle.manifest.graph
     path, taps = _instrument(bundle.path(g.file), _linears(bundle))
     sess = open_session(path, pooled_options())
-    kv = np.zeros((1, g.kv_num_heads, ctx, g.kv_head_dim), np.float32)              # an empty cache
+    kv = _empty_cache(g, range(len(g.cache)), ctx)
     outs = list(taps)
     for w in _windows(ids, ctx):
         step = _step(w.shape[1])
         feeds = {g.input_ids: w, g.seqlens_k: step["seqlens_k"], g.total_sequence_length: step["total_sequence_length"],
                  g.logits_positions: np.array([w.shape[1] - 1], np.int64)}
-        feeds.update({name: kv for name in g.past_keys + g.past_values})
+        feeds.update(kv)
         _add(acc, taps, dict(zip(outs, sess.run(outs, feeds))))
 
 
@@ -186,7 +194,6 @@ def _moe_stages(bundle: Bundle, ids: list[int], gram: bool, ctx: int) -> Iterato
     moe, g = bundle.manifest.moe, bundle.manifest.graph
     names = _linears(bundle)
     expert_path, expert_taps = _instrument(bundle.path(moe.expert_graph), {EXPERT_PREFIX + "gate_up", EXPERT_PREFIX + "down"})
-    kv = np.zeros((1, g.kv_num_heads, ctx, g.kv_head_dim), np.float32)              # an empty cache
     eouts = [moe.expert_output] + list(expert_taps)
     expert_roles = {k: [t[len(EXPERT_PREFIX):] for t in v] for k, v in expert_taps.items()}  # "expert.down" -> "down"
     head = len(moe.stages) - 1
@@ -201,9 +208,12 @@ def _moe_stages(bundle: Bundle, ids: list[int], gram: bool, ctx: int) -> Iterato
         if experts:
             experts.graph_path = str(expert_path)                                  # the same weights, with taps
         acc = _Acc(gram)
+        kv = _empty_cache(g, st.cache, ctx)
+        biases = load_routers(bundle.path(moe.router_file), moe.router_biases, 1, moe.num_experts) \
+            if moe.routing.bias else None
         for i, w in enumerate(windows):
             s = w.shape[1]
-            feeds = dict(_step(s), past_key=kv, past_value=kv)                     # by role
+            feeds = _step(s)                                                        # by role
             if layer == 0:
                 feeds["input_ids"] = w
             else:
@@ -213,7 +223,7 @@ def _moe_stages(bundle: Bundle, ids: list[int], gram: bool, ctx: int) -> Iterato
             roles = [r for r in ("moe_in", "hidden", "residual", "router_logits", "moe_shared", "logits")
                      if r in st.outputs]
             outs = [st.outputs[r] for r in roles] + list(taps)
-            res = dict(zip(outs, sess.run(outs, {st.inputs[r]: v for r, v in feeds.items() if r in st.inputs})))
+            res = dict(zip(outs, sess.run(outs, {**{st.inputs[r]: v for r, v in feeds.items() if r in st.inputs}, **kv})))
             _add(acc, taps, res)
             if layer == head:
                 continue
@@ -222,7 +232,7 @@ def _moe_stages(bundle: Bundle, ids: list[int], gram: bool, ctx: int) -> Iterato
                 state[i] = (res[st.outputs["hidden"]], residual)
                 continue
             x, logits = res[st.outputs["moe_in"]][0], res[st.outputs["router_logits"]][0]    # [S, H], [S, E]
-            top, wt = route(logits, moe.top_k, moe.normalize_topk)
+            top, wt = route(logits, moe.routing, biases[moe_layer[layer]][0] if biases else None)
             out = np.zeros_like(x)
             for e in np.unique(top):
                 tok, slot = np.nonzero(top == e)

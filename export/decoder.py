@@ -166,63 +166,8 @@ class StepInputs:
 def step_inputs(g: Graph, arch: DecoderArch, max_context: int) -> StepInputs:
     seqlens_k = g.input("seqlens_k", TensorProto.INT32, [1])
     total = g.input("total_sequence_length", TensorProto.INT32, [])
-    cos, sin = tables(arch.spec.head_dim, arch.spec.rope_theta, arch.rope_scaling, max_context)
+    cos, sin = tables(arch.rope_dim, arch.spec.rope_theta, arch.rope_scaling, max_context)
     return StepInputs(seqlens_k, total, g.weight("rope.cos", cos), g.weight("rope.sin", sin))
-
-
-def _without_gptq(scheme: QuantScheme | None) -> QuantScheme | None:
-    return dataclasses.replace(scheme, method="mse") if scheme is not None and scheme.method == "gptq" else scheme
-
-
-def attention(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarray], i: int, h: str,
-              residual: str | None, step: StepInputs, o_scheme: QuantScheme | None,
-              qkv_scheme: QuantScheme | None) -> tuple[str, str, tuple[str, ...]]:
-    """Layer i up to its MLP: input norm -> attention (KV in place) -> post-attention norm.
-    Returns (x for the MLP, the residual stream, (past_key, past_value, present_key, present_value))."""
-    s = arch.spec
-    D, KV, NH = s.head_dim, s.num_kv_heads, s.num_heads
-    n = arch.layer_names(i)
-    p = f"layers.{i}."
-    w = lambda role: get(n[role])
-    b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
-    if residual is None:
-        x, residual = _rms(g, h, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm"), h
-    else:
-        x, residual = _skip_rms(g, h, residual, em.plain(p + "input_norm", w("input_norm")), s.norm_eps, p + "input_norm")
-    # q, k and v keep the calibrated mse search under --method gptq: GPTQ made them worse (SmolLM2 int4,
-    # 4096 held-out tokens through transformers: perplexity 18.42 with gptq on q/k/v, 17.24 with mse
-    # everywhere, 16.54 with gptq on everything but q/k/v; normalising each token's x before X^T X
-    # gave 16.88). The manifest records mse for them. They are one projection at one precision: fused
-    # q|k|v rows [(NH + 2 KV) * D, H] (three reading the same x cost SmolMoE ~8% of decode speed).
-    wqkv = np.concatenate([w("q"), w("k"), w("v")], axis=0)
-    bqkv = np.concatenate([b("q"), b("k"), b("v")]) if "q_bias" in n else None
-    qkv = em.linear(x, wqkv, p + "qkv", _without_gptq(qkv_scheme), bqkv)
-    del wqkv
-    if s.qk_norm:
-        q, k, v = g.op("Split", [qkv, g.weight(p + "qkv.split", np.array([NH * D, KV * D, KV * D], np.int64))],
-                       3, name=p + "qkv_split", axis=-1)
-        if s.qk_norm == "head":
-            q = _head_rms(g, em, q, w("q_norm"), NH, D, s.norm_eps, p + "q_norm")
-            k = _head_rms(g, em, k, w("k_norm"), KV, D, s.norm_eps, p + "k_norm")
-        elif s.qk_norm:    # one RMSNorm over the whole projection
-            q = _rms(g, q, em.plain(p + "q_norm", w("q_norm")), s.norm_eps, p + "q_norm")
-            k = _rms(g, k, em.plain(p + "k_norm", w("k_norm")), s.norm_eps, p + "k_norm")
-        attn_in = [q, k, v]
-    else:
-        attn_in = [qkv, "", ""]
-    kv = (f"past_key.{i}", f"past_value.{i}", f"present_key.{i}", f"present_value.{i}")
-    for nm in kv[:2]:
-        g.input(nm, TensorProto.FLOAT, [1, KV, "max_context", D])
-    for nm in kv[2:]:
-        g.output(nm, TensorProto.FLOAT, [1, KV, "max_context", D])
-    attrs = dict(num_heads=NH, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=float(D) ** -0.5)
-    if s.sliding_window:
-        attrs["local_window_size"] = s.sliding_window
-    attn = g.op("GroupQueryAttention", attn_in + [kv[0], kv[1], step.seqlens_k, step.total, step.cos, step.sin], 3,
-                name=p + "attn", outputs=[g.fresh(p + "attn/out"), kv[2], kv[3]], domain=MS, **attrs)[0]
-    o = em.linear(attn, w("o"), p + "o", o_scheme, b("o"))
-    x, residual = _skip_rms(g, o, residual, em.plain(p + "post_norm", w("post_norm")), s.norm_eps, p + "post_norm")
-    return x, residual, kv
 
 
 def swiglu_mlp(g: Graph, em: _Emitter, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, prefix: str,
@@ -275,22 +220,12 @@ def build_decoder(g: Graph, arch: DecoderArch, get: Callable[[str], np.ndarray],
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
         n = arch.layer_names(i)
-        x, residual, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_qkv)
-        kvs.append(kv)
+        x, residual, cache = arch.attention(g, em, arch, get, i, h, residual, step, policy)
+        kvs += cache
         b = lambda role: get(n[role + "_bias"]) if role + "_bias" in n else None
         h = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.", (policy.mlp, policy.mlp_down),
                        (b("gate"), b("up"), b("down")))
     positions = lm_head(g, em, arch, get, h, residual, policy.lm_head, em.tied)
     spec = GraphSpec(file="model.onnx", input_ids=ids, seqlens_k=step.seqlens_k, total_sequence_length=step.total,
-                     logits_positions=positions, logits="logits", kv_num_heads=s.num_kv_heads, kv_head_dim=s.head_dim,
-                     kv_dtype="float32", past_keys=tuple(k[0] for k in kvs), past_values=tuple(k[1] for k in kvs),
-                     present_keys=tuple(k[2] for k in kvs), present_values=tuple(k[3] for k in kvs),
-                     data=(g.data.path.name,))
+                     logits_positions=positions, logits="logits", cache=tuple(kvs), data=(g.data.path.name,))
     return spec, em.entries, em.num_parameters
-
-
-def _head_rms(g: Graph, em: _Emitter, x: str, w: np.ndarray, heads: int, d: int, eps: float, name: str) -> str:
-    """RMSNorm over each head's d values: [1,S,heads*d] -> [1,S,heads,d] -> norm -> [1,S,heads*d]."""
-    x4 = g.op1("Reshape", [x, g.weight(name + ".shape4", np.array([0, 0, heads, d], np.int64))], name=name + "/split_heads")
-    y = _rms(g, x4, em.plain(name, w), eps, name)
-    return g.op1("Reshape", [y, g.weight(name + ".shape3", np.array([0, 0, heads * d], np.int64))], name=name + "/merge_heads")

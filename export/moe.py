@@ -30,7 +30,7 @@ from onnx import TensorProto
 from edge.manifest import ExpertEntry, ExpertTensor, GraphSpec, MoESpec, StageSpec, TensorEntry
 
 from .arch.common import DecoderArch
-from .decoder import QuantPolicy, StepInputs, _Emitter, attention, lm_head, swiglu_mlp
+from .decoder import QuantPolicy, StepInputs, _Emitter, lm_head, swiglu_mlp
 from .onnx_graph import ALIGN, DataFile, Graph, external_tensor
 from .rope import tables
 
@@ -141,7 +141,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     calibration = {} if calibration is None else calibration      # streamed (export/calib.py): no len()
     s, moe = arch.spec, arch.moe
     data = DataFile(root / "stages.onnx.data")
-    cos, sin = tables(s.head_dim, s.rope_theta, arch.rope_scaling, max_context)
+    cos, sin = tables(arch.rope_dim, s.rope_theta, arch.rope_scaling, max_context)
     cos_at, sin_at = data.write(cos.tobytes()), data.write(sin.tobytes())
     entries: list[TensorEntry] = []
     n_params = 0
@@ -153,14 +153,19 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     layout: tuple[ExpertTensor, ...] | None = None
     scheme = policy.experts
     # QMoE: quantized, no zero points, one scheme for both matmuls, block size dividing both depths
+    # and a routing the fused graph can express: QMoE's softmax top-k (renormalised, or scaled back by the
+    # top-k probability mass); sigmoid scores, groups, biases and scales are routed by the runtime
+    r = moe.routing
     fusable = (scheme is not None and scheme == policy.experts_down and scheme.symmetric
-               and s.hidden_size % scheme.block_size == 0 and moe.expert_intermediate_size % scheme.block_size == 0)
+               and s.hidden_size % scheme.block_size == 0 and moe.expert_intermediate_size % scheme.block_size == 0
+               and r.scoring == "softmax" and r.groups == 1 and not r.bias and r.scale == 1.0)
     # the expert store keeps these scales as fp16 (the expert graph and QMoE take fp32)
     half = {f"expert.{n}.scales" for n, sc in (("gate_up", policy.experts), ("down", policy.experts_down))
             if sc is not None and sc.scale_dtype == "float16"}
     stage_graphs: list[Graph] = []
     tied = None                                  # the quantized embedding, for a tied lm_head
     routers: list[int | None] = []
+    biases: list[int] = []                       # routing correction biases, fp32 [E] each, in stages.onnx.data
     moe_layers: dict[int, int] = {}              # decoder layer -> MoE layer (the experts' numbering)
     for i in range(s.num_layers):
         progress(f"layer {i + 1}/{s.num_layers}")
@@ -179,12 +184,12 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
         else:
             h = ins["hidden"] = g.input("hidden", TensorProto.FLOAT, [1, "S", s.hidden_size])
             residual = ins["residual"] = g.input("residual", TensorProto.FLOAT, [1, "S", s.hidden_size])
-        x, res, kv = attention(g, em, arch, get, i, h, residual, step, policy.attention, policy.attention_qkv)
-        kvs.append(kv)
-        ins.update(past_key=kv[0], past_value=kv[1])
+        x, res, cache = arch.attention(g, em, arch, get, i, h, residual, step, policy)
+        mine = tuple(range(len(kvs), len(kvs) + len(cache)))
+        kvs += cache
         g.nodes.append(_identity(res, "residual_out"))
         g.output("residual_out", TensorProto.FLOAT, [1, "S", s.hidden_size])
-        outs = {"residual": "residual_out", "present_key": kv[2], "present_value": kv[3]}
+        outs = {"residual": "residual_out"}
         if i in moe.sparse_layers:
             moe_layers[i] = len(routers)         # experts are numbered by MoE layer: this is the n-th
             g.nodes.append(_identity(x, "moe_in"))
@@ -192,15 +197,19 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             router = moe.router(get, i)                                             # [E, H]
             em.linear(x, router, f"layers.{i}.router", None, out="router_logits")  # fp32: routing decides everything
             routers.append(g.offset_of(f"layers.{i}.router"))                      # None when stored inline
+            if r.bias:
+                biases.append(data.write(np.ascontiguousarray(moe.router_bias(get, i), np.float32).tobytes()))
             g.output("router_logits", TensorProto.FLOAT, [1, "S", moe.num_experts])
             outs.update(moe_in="moe_in", router_logits="router_logits")
-            if moe.shared_expert:      # sigmoid(x @ gate_weight.T) * shared_mlp(x), added to the routed sum
+            if moe.shared_expert:      # shared_mlp(x) [x sigmoid(x @ gate_weight.T)], added to the routed sum
                 n = moe.shared_expert(i)
+                gated = "gate_weight" in n
                 y = swiglu_mlp(g, em, x, get(n["gate"]), get(n["up"]), get(n["down"]), f"layers.{i}.shared.",
-                               (policy.mlp, policy.mlp_down))
-                gate = g.op1("Sigmoid", [em.linear(x, get(n["gate_weight"]), f"layers.{i}.shared_gate", None)],
-                             name=f"layers.{i}.shared_gate/sigmoid")                                   # [1, S, 1]
-                g.op("Mul", [y, gate], name=f"layers.{i}.shared/scale", outputs=["moe_shared"])
+                               (policy.mlp, policy.mlp_down), out=None if gated else "moe_shared")
+                if gated:
+                    gate = g.op1("Sigmoid", [em.linear(x, get(n["gate_weight"]), f"layers.{i}.shared_gate", None)],
+                                 name=f"layers.{i}.shared_gate/sigmoid")                               # [1, S, 1]
+                    g.op("Mul", [y, gate], name=f"layers.{i}.shared/scale", outputs=["moe_shared"])
                 g.output("moe_shared", TensorProto.FLOAT, [1, "S", s.hidden_size])
                 outs["moe_shared"] = "moe_shared"
         else:                                    # a dense layer: its MLP in the stage, no experts
@@ -212,7 +221,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             outs["hidden"] = "hidden_out"
         g.save(root / f"layers.{i}.onnx", name=f"layer_{i}")
         files.append(f"layers.{i}.onnx")
-        stages.append(StageSpec(file=f"layers.{i}.onnx", inputs=ins, outputs=outs))
+        stages.append(StageSpec(file=f"layers.{i}.onnx", inputs=ins, outputs=outs, cache=mine))
         entries += em.entries
         n_params += em.num_parameters
         stage_graphs.append(g)
@@ -268,17 +277,14 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
 
     spec = GraphSpec(file=stages[0].file, input_ids="input_ids", seqlens_k="seqlens_k",
                      total_sequence_length="total_sequence_length", logits_positions=positions, logits="logits",
-                     kv_num_heads=s.num_kv_heads, kv_head_dim=s.head_dim, kv_dtype="float32",
-                     past_keys=tuple(k[0] for k in kvs), past_values=tuple(k[1] for k in kvs),
-                     present_keys=tuple(k[2] for k in kvs), present_values=tuple(k[3] for k in kvs),
-                     data=("stages.onnx.data",))
+                     cache=tuple(kvs), data=("stages.onnx.data",))
     moe_spec = MoESpec(stages=tuple(stages), expert_graph="expert.onnx", expert_input="x", expert_output="y",
                        expert_file="experts.bin", expert_tensors=layout, experts=tuple(experts),
-                       num_experts=moe.num_experts, top_k=moe.top_k, normalize_topk=moe.normalize_topk,
+                       num_experts=moe.num_experts, routing=moe.routing,
                        fused=dataclasses.replace(spec, file="fused.onnx", data=("stages.onnx.data", "experts.bin"))
                        if fusable else None,
-                       router_file="stages.onnx.data" if None not in routers else "",
-                       routers=tuple(routers) if None not in routers else ())
+                       router_file="stages.onnx.data" if None not in routers or biases else "",
+                       routers=tuple(routers) if None not in routers else (), router_biases=tuple(biases))
     return spec, moe_spec, entries, n_params, files
 
 
@@ -299,6 +305,7 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, moe_layers:
     """
     from onnx import helper
     moe = arch.moe
+    routing = moe.routing
     out = Graph(stage_graphs[0].data)
     seen: set[str] = set()
 
@@ -330,13 +337,13 @@ def _fused_graph(root: Path, stage_graphs: list[Graph], head: Graph, moe_layers:
         w = {t.name: _stacked(out, f"layers.{i}.qmoe.{t.name.removeprefix('expert.')}", t, mine) for t in layout}
         fc1q, fc1s, fc2q, fc2s = (w[f"expert.{m}.{t}"] for m in ("gate_up", "down") for t in ("qweight", "scales"))
         r = out.op1("Reshape", [f"L{i}.router_logits", flat_e], name=f"L{i}/router_flat")           # [S, E]
-        last = moe.normalize_topk and not moe.shared_expert               # QMoE's output is the layer's
+        last = routing.normalize and not moe.shared_expert                # QMoE's output is the layer's
         # QMoE renormalises the top-k weights; without renormalisation (OLMoE, Qwen-MoE) the weights
         # are the plain softmax probabilities = renormalised weights x the top-k probability mass
         y = out.op("QMoE", [f"L{i}.moe_in", r, fc1q, fc1s, "", fc2q, fc2s], name=f"L{i}/qmoe",
                    outputs=[f"L{i}.moe_out"] if last else None, domain="com.microsoft",
                    **qmoe_attributes(moe.top_k, scheme))[0]                                          # [1, S, H]
-        if not moe.normalize_topk:
+        if not routing.normalize:
             probs = out.op1("Softmax", [r], name=f"L{i}/router_softmax", axis=-1)                  # [S, E]
             top = out.op("TopK", [probs, out.weight(f"L{i}.k", np.array([moe.top_k], np.int64))], 2,
                          name=f"L{i}/router_topk", axis=-1)[0]                                       # [S, k]

@@ -64,7 +64,7 @@ def test_garbage_manifest(tiny_bundle, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    import export.decoder as dec
+    import export.attention as dec
     from export import ExportOptions, export_model
 
     def boom(*a, **k):
@@ -109,3 +109,43 @@ def test_hub_ids_fail_clearly_offline(tmp_path):
     from export import export_model
     with pytest.raises(EdgeError, match="HuggingFaceTB/SmolLM2-135M-Instruct"):
         export_model("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "out", progress=False)
+
+
+def test_a_format_1_bundle_still_loads(tiny_bundle, tmp_path):
+    """Format 1 described a GQA cache by fields and routing by a name; it loads as format 2 and runs
+    the same (its graphs are unchanged)."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    import edge
+    src = tiny_bundle("mixtral", "int4")
+    old = shutil.copytree(src, tmp_path / "old", ignore=shutil.ignore_patterns("packed"))
+    m = json.loads((old / "manifest.json").read_text())
+
+    def graph_v1(g):
+        cache = g.pop("cache")
+        keys, values = cache[0::2], cache[1::2]
+        g.update(past_keys=[c["input"] for c in keys], present_keys=[c["output"] for c in keys],
+                 past_values=[c["input"] for c in values], present_values=[c["output"] for c in values],
+                 kv_num_heads=keys[0]["shape"][1], kv_head_dim=keys[0]["shape"][3], kv_dtype="float32")
+        return g
+    m["format_version"] = 1
+    m["graph"] = graph_v1(m["graph"])
+    moe = m["moe"]
+    moe["fused"] = graph_v1(moe["fused"])
+    routing = moe.pop("routing")
+    moe.update(top_k=routing["top_k"], normalize_topk=routing["normalize"], routing="softmax_topk")
+    moe.pop("router_biases")
+    for st in moe["stages"]:
+        idx = st.pop("cache")
+        if idx:
+            st["inputs"].update(past_key=f"past_key.{idx[0] // 2}", past_value=f"past_value.{idx[0] // 2}")
+            st["outputs"].update(present_key=f"present_key.{idx[0] // 2}", present_value=f"present_value.{idx[0] // 2}")
+    (old / "manifest.json").write_text(json.dumps(m))
+    ids = [5, 17, 99, 3, 250]
+    for kw in ({}, {"expert_capacity": 3}):
+        a, b = edge.load(src, threads=1, context_length=64, **kw), edge.load(old, threads=1, context_length=64, **kw)
+        assert b.manifest.format_version == 2 and b.manifest.graph == a.manifest.graph
+        assert np.array_equal(a.logits(ids), b.logits(ids))

@@ -21,7 +21,7 @@ def test_inspect_and_verify(tiny_bundle):
     assert "none (data-free)" in r.stdout                         # no --calib
     assert re.search(r"methods\s+mse: \d+ tensors", r.stdout)     # the default search, counted per tensor
     j = json.loads(edge_cli("inspect", tiny_bundle("llama", "int4"), "--json").stdout)
-    assert j["quant"] == "int4" and j["format_version"] == 1
+    assert j["quant"] == "int4" and j["format_version"] == 2
 
 
 def test_bench_json(tiny_bundle):

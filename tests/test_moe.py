@@ -7,16 +7,21 @@ import pytest
 
 import edge
 from edge.errors import BundleError
-from edge.moe import route, route_one
+from edge.manifest import Routing
+from edge.routing import route, route_one
+
+
+def softmax(k, normalize):
+    return Routing(scoring="softmax", top_k=k, normalize=normalize)
 
 
 def test_routing_matches_mixtral():
     logits = np.array([[0.1, 2.0, -1.0, 1.5], [3.0, 3.0, 0.0, -2.0]], np.float32)
-    ids, w = route(logits, 2, True)
+    ids, w = route(logits, softmax(2, True))
     assert ids.tolist() == [[1, 3], [0, 1]]               # ties go to the lower id, as torch.topk
     np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-6)
     p = np.exp(logits[0]) / np.exp(logits[0]).sum()
-    _, w_raw = route(logits, 2, False)
+    _, w_raw = route(logits, softmax(2, False))
     np.testing.assert_allclose(w_raw[0], p[[1, 3]], rtol=1e-6)
 
 
@@ -34,8 +39,8 @@ def test_decode_routing_equals_route_to_the_bit():
         if n % 5 == 0:
             row = np.round(row)                                             # many ties
         for normalize in (True, False):
-            ids, w = route(row[None], k, normalize)
-            ids1, w1 = route_one(row, k, normalize)
+            ids, w = route(row[None], softmax(k, normalize))
+            ids1, w1 = route_one(row, softmax(k, normalize))
             assert ids1 == ids[0].tolist()
             assert all(type(x) is np.float32 for x in w1)
             assert np.array_equal(np.array(w1, np.float32), w[0]), (row, k, normalize)
@@ -50,7 +55,7 @@ def test_staged_experts_add_up_as_qmoe_does(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    import edge.moe
+    import edge.routing
     from edge.engine import default_threads, open_session, pooled_options, use_global_pool
     from edge.moe import MoEDecoder
     from export.moe import _qmoe_expert, _tensors, qmoe_attributes
@@ -87,14 +92,14 @@ def test_staged_experts_add_up_as_qmoe_does(tmp_path):
     logits[0, 3] = logits[0].max() + 20                        # one token's second expert weighs < 1e-8
     want = fused.run(None, {"x": x, "r": logits})[0]
     cache = SimpleNamespace(run=lambda layer, e, feeds: sessions[e].run(["y"], feeds)[0], prefetcher=None)
-    decoder = SimpleNamespace(moe=SimpleNamespace(top_k=2, normalize_topk=True, expert_input="x", expert_output="y"),
-                              experts=cache)
+    decoder = SimpleNamespace(moe=SimpleNamespace(top_k=2, expert_input="x", expert_output="y"),
+                              routing=softmax(2, True), _biases=[None], experts=cache)
     assert np.array_equal(MoEDecoder._mix(decoder, 0, x, logits), want)
     for t in (0, 1):                       # one token (QMoE's kernels round M = 1 and M > 1 differently)
         one = fused.run(None, {"x": x[t:t + 1], "r": logits[t:t + 1]})[0]
         assert np.array_equal(MoEDecoder._mix(decoder, 0, x[t:t + 1], logits[t:t + 1]), one)
     import unittest.mock
-    with unittest.mock.patch.object(edge.moe, "_expf", np.exp):
+    with unittest.mock.patch.object(edge.routing, "_expf", np.exp):
         assert not np.array_equal(MoEDecoder._mix(decoder, 0, x, logits), want)
 
 
@@ -187,7 +192,7 @@ def test_fused_graph_matches_the_staged_pipeline(tiny_bundle, arch, quant):
     f, s = fused.logits(ids), staged.logits(ids)
     np.testing.assert_allclose(f, s, atol=1e-4)
     moe = fused.manifest.moe
-    exact = moe.normalize_topk and moe.top_k == 2
+    exact = moe.routing.normalize and moe.top_k == 2
     assert exact == (arch in ("mixtral", "qwen3_moe", "qwen3_moe-mixed"))
     if exact:                                # to the bit, prompt and token by token (decode's buffers)
         assert np.array_equal(f, s)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edge.errors import MissingTensorError, UnsupportedError
-from edge.manifest import ModelSpec
+from edge.manifest import ModelSpec, Routing
 
 from ..rope import rope_kind
 
@@ -19,16 +19,35 @@ class MoEArch:
     router(get, i): layer i's router weight [E, H].
     experts(get, i): yields (e, gate [F, H], up [F, H], down [H, F]) for every expert of layer i.
     sparse_layers: the layers whose MLP is sparse (the others use the dense names in layer_names).
-    normalize_topk: renormalise the top-k softmax weights to sum to 1.
+    routing: how experts are chosen and weighed (edge/manifest.py Routing).
+    router_bias(get, i): layer i's routing correction bias [E] (with routing.bias).
+    shared_expert(i): names of layer i's shared expert: gate, up, down, and gate_weight [1, H] where
+        its output is gated (sigmoid(x @ gate_weight.T), Qwen2-MoE); ungated without (DeepSeek).
     """
     num_experts: int
-    top_k: int
     expert_intermediate_size: int
-    normalize_topk: bool
+    routing: Routing
     sparse_layers: tuple[int, ...]
     router: Callable[[Callable[[str], Any], int], Any]
     experts: Callable[[Callable[[str], Any], int], Any]
-    shared_expert: Callable[[int], dict[str, str]] | None = None   # names: gate, up, down, gate_weight [1, H]
+    shared_expert: Callable[[int], dict[str, str]] | None = None
+    router_bias: Callable[[Callable[[str], Any], int], Any] | None = None
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    """Multi-head latent attention's sizes (export/attention.py mla)."""
+    q_rank: int            # the q LoRA's rank (0: a plain q projection)
+    kv_rank: int           # the compressed latent's size r (kv_lora_rank)
+    nope_dim: int          # per head: query/key dims without rotary (qk_nope_head_dim)
+    rope_dim: int          # rotary dims, shared key (qk_rope_head_dim)
+    v_dim: int             # per head value dims (v_head_dim)
+    scale: float           # the softmax scale (YaRN's mscale folded in)
+    interleaved: bool      # rotary pairs (2j, 2j+1) as the checkpoint lays them out, else halves
 
 
 @dataclass(frozen=True)
@@ -42,13 +61,18 @@ class DecoderArch:
         gate, up, down, optional <linear>_bias, q_norm, k_norm.
     gguf_fixup(hf_name, array): undoes what llama.cpp's converter did to a tensor of this
         architecture (None: nothing to undo).
+    attention: the layer's attention builder (export/attention.py: gqa or mla).
+    rope_dim: the rotary dimensions the position tables cover.
     """
     spec: ModelSpec
     rope_scaling: dict | None
     top: dict[str, str]
     layer_names: Callable[[int], dict[str, str]]
+    attention: Callable
+    rope_dim: int
     gguf_fixup: Callable[[str, Any], Any] | None = field(default=None)
     moe: MoEArch | None = None
+    mla: MLAShape | None = None
 
 
 def require(cfg: dict, key: str):
@@ -110,10 +134,16 @@ def llama_family(cfg: dict, *, attention_bias: bool, mlp_bias: bool = False, qk_
             names["k_norm"] = p + "self_attn.k_norm.weight"
         return names
 
+    from ..attention import gqa
+    return DecoderArch(spec=spec, rope_scaling=scaling, top=top_names(spec), layer_names=layer_names, attention=gqa,
+                       rope_dim=head_dim)
+
+
+def top_names(spec: ModelSpec) -> dict[str, str]:
     top = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
     if not spec.tie_word_embeddings:
         top["lm_head"] = "lm_head.weight"
-    return DecoderArch(spec=spec, rope_scaling=scaling, top=top, layer_names=layer_names)
+    return top
 
 
 def stored_experts(get: Callable[[str], Any], layer: int, n_exp: int, ffn: int, per_expert: Callable[[int], tuple]):
@@ -154,8 +184,13 @@ def sparse_moe(arch: DecoderArch, cfg: dict, *, ffn_key: str, normalize: bool, p
         yield from stored_experts(get, i, n_exp, ffn, lambda e: (f"{p}{e}.gate_proj.weight", f"{p}{e}.up_proj.weight",
                                                                  f"{p}{e}.down_proj.weight"))
 
-    moe = MoEArch(num_experts=n_exp, top_k=top_k, expert_intermediate_size=ffn, normalize_topk=normalize,
+    moe = MoEArch(num_experts=n_exp, expert_intermediate_size=ffn, routing=softmax_topk(top_k, normalize),
                   sparse_layers=sparse, router=lambda get, i: get(f"model.layers.{i}.{prefix}.gate.weight"),
                   experts=experts)
     spec = dataclasses.replace(arch.spec, num_experts=n_exp, experts_per_token=top_k, expert_intermediate_size=ffn)
     return dataclasses.replace(arch, spec=spec, moe=moe)
+
+
+def softmax_topk(top_k: int, normalize: bool) -> Routing:
+    """Softmax over the experts, top-k, renormalised to sum to 1 if asked (Mixtral, Qwen-MoE, OLMoE)."""
+    return Routing(scoring="softmax", top_k=top_k, normalize=normalize)

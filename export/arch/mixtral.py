@@ -10,7 +10,7 @@ import dataclasses
 
 from edge.errors import MissingTensorError
 
-from .common import DecoderArch, MoEArch, llama_family, require, stored_experts
+from .common import DecoderArch, MoEArch, llama_family, require, softmax_topk, stored_experts
 
 
 def describe(cfg: dict) -> DecoderArch:
@@ -29,7 +29,7 @@ def describe(cfg: dict) -> DecoderArch:
         yield from stored_experts(get, i, n_exp, ffn, lambda e: (f"{p}{e}.w1.weight", f"{p}{e}.w3.weight",
                                                                  f"{p}{e}.w2.weight"))
 
-    moe = MoEArch(num_experts=n_exp, top_k=top_k, expert_intermediate_size=ffn, normalize_topk=True,
+    moe = MoEArch(num_experts=n_exp, expert_intermediate_size=ffn, routing=softmax_topk(top_k, True),
                   sparse_layers=tuple(range(arch.spec.num_layers)), router=router, experts=experts)
     spec = dataclasses.replace(arch.spec, num_experts=n_exp, experts_per_token=top_k, expert_intermediate_size=ffn)
     return dataclasses.replace(arch, spec=spec, moe=moe)
