@@ -181,8 +181,9 @@ def test_a_budget_is_the_models_own_memory(bundle):
     fresh, holding = runs
     assert holding["base"] > fresh["base"] + (290 << 20)
     assert abs(holding["dense"] - fresh["dense"]) < (4 << 20), runs
-    # a slot's measured cost is ~30 KB here, so a few pages of heap noise are 20%
-    assert abs(holding["per_expert"] - fresh["per_expert"]) <= max(0.2 * fresh["per_expert"], 16 << 10), runs
+    # a slot's measured cost is 30-55 KB here and moves by ~25 KB between two fresh runs (heap pages
+    # the first runs touch); what this guards against is the held arrays counted as experts (MBs)
+    assert abs(holding["per_expert"] - fresh["per_expert"]) <= max(0.2 * fresh["per_expert"], 48 << 10), runs
     for r in runs:
         assert r["rss"] <= r["base"] + budget, r
 
