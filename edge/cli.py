@@ -255,6 +255,28 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
     print_table(rows)
 
 
+def _attention_row(m) -> str:
+    """The attention kind and what its cache costs a token."""
+    per_token = sum(c.bytes_per_token() for c in m.graph.cache)
+    layers = max(1, m.model.num_layers)
+    kind = {"mla": "multi-head latent (MLA)", "gqa": "grouped-query"}.get(m.model.attention, m.model.attention)
+    return (f"{kind}; KV cache {per_token / 1024:.1f} KiB a token ({per_token / layers / 1024:.2f} KiB a layer), "
+            f"{per_token * 4096 / 2**20:.0f} MB at 4096 tokens")
+
+
+def _routing_row(moe) -> str:
+    r = moe.routing
+    parts = [f"{r.scoring}, top-{r.top_k} of {moe.num_experts}"]
+    if r.groups > 1:
+        parts.append(f"in the best {r.top_groups} of {r.groups} groups ({r.group_score.replace('_', ' ')})")
+    if r.bias:
+        parts.append("correction bias")
+    parts.append("renormalised" if r.normalize else "not renormalised")
+    if r.scale != 1.0:
+        parts.append(f"x {r.scale:g}")
+    return ", ".join(parts) + ("; fused graph" if moe.fused else "; staged (the runtime routes)")
+
+
 @app.command()
 def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Check every file's sha256."),
             tensors: bool = typer.Option(False, "--tensors", help="List every tensor with its quantization error."),
@@ -283,6 +305,7 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
         rows = [("format", f"{m.format_version} ({m.producer})"), ("source", f"{m.source.path} ({m.source.format}, {m.source.dtype})"),
                 ("architecture", f"{s.architecture}: {s.num_layers} layers, hidden {s.hidden_size}, heads {s.num_heads}/{s.num_kv_heads} "
                                  f"(q/kv), head_dim {s.head_dim}, ffn {s.intermediate_size}, vocab {s.vocab_size}"),
+                ("attention", _attention_row(m)),
                 ("parameters", f"{s.num_parameters / 1e6:.1f}M"), ("context", f"{s.max_context} tokens"),
                 ("quantization", m.quant + "  (" + ", ".join(f"{k}: {v[0]} tensors / {v[1] / 1e6:.1f}M weights" for k, v in kinds.items()) + ")"),
                 ("methods", ", ".join(f"{k}: {v} tensors" for k, v in sorted(methods.items())) or "none (fp32)"),
@@ -290,6 +313,8 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
                 ("files", ", ".join(f"{f.path} {f.size / 2**20:.1f} MB" for f in m.files)),
                 ("eos tokens", ", ".join(map(str, m.tokenizer.eos_token_ids))),
                 ("chat template", "yes" if m.tokenizer.chat_template else "no")]
+        if m.moe is not None:
+            rows.insert(4, ("routing", _routing_row(m.moe)))
         if verify:
             rows.append(("verify", "ok: every sha256 matches" if not problems else "FAILED: " + "; ".join(problems)))
         print_table(rows)

@@ -43,6 +43,7 @@ class ModelSpec:
     num_experts: int = 0         # Mixture-of-Experts: experts per sparse layer (0: dense)
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
+    attention: str = "gqa"       # "gqa" or "mla" (multi-head latent attention), for information
 
 
 CACHE_UPDATES = ("in_place", "append")

@@ -144,7 +144,7 @@ def mla(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarr
     qkv_scheme = _without_gptq(policy.attention_qkv)
     if m.q_rank:                                                     # the q LoRA: q_b(RMSNorm(q_a(x)))
         qa = em.linear(x, w("q_a"), p + "q_a", qkv_scheme)
-        qa = _rms(g, qa, em.plain(p + "q_a_norm", w("q_a_norm")), s.norm_eps, p + "q_a_norm")
+        qa = _rms(g, qa, em.plain(p + "q_a_norm", w("q_a_norm")), m.latent_eps, p + "q_a_norm")
         q = em.linear(qa, w("q_b"), p + "q_b", qkv_scheme)
     else:
         q = em.linear(x, w("q"), p + "q", qkv_scheme)                                     # [1, S, NH (dn + dr)]
@@ -153,7 +153,7 @@ def mla(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.ndarr
     q_nope, q_pe = g.op("Split", [q, _const(g, p + "q.split", [dn, dr])], 2, name=p + "q/split", axis=-1)
     kv = em.linear(x, w("kv_a"), p + "kv_a", qkv_scheme)                                  # [1, S, r + dr]
     c, k_pe = g.op("Split", [kv, _const(g, p + "kv_a.split", [r, dr])], 2, name=p + "kv_a/split", axis=-1)
-    c = _rms(g, c, em.plain(p + "kv_a_norm", w("kv_a_norm")), s.norm_eps, p + "kv_a_norm")   # [1, S, r]
+    c = _rms(g, c, em.plain(p + "kv_a_norm", w("kv_a_norm")), m.latent_eps, p + "kv_a_norm")  # [1, S, r]
     positions, s_len = _positions(g, step, x, p)
     cos = g.op1("Gather", [step.cos, positions], name=p + "cos", axis=0)                    # [S, dr / 2]
     sin = g.op1("Gather", [step.sin, positions], name=p + "sin", axis=0)

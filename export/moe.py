@@ -153,12 +153,12 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
     layout: tuple[ExpertTensor, ...] | None = None
     scheme = policy.experts
     # QMoE: quantized, no zero points, one scheme for both matmuls, block size dividing both depths
-    # and a routing the fused graph can express: QMoE's softmax top-k (renormalised, or scaled back by the
-    # top-k probability mass); sigmoid scores, groups, biases and scales are routed by the runtime
+    qmoe = (scheme is not None and scheme == policy.experts_down and scheme.symmetric
+            and s.hidden_size % scheme.block_size == 0 and moe.expert_intermediate_size % scheme.block_size == 0)
+    # the fused graph also needs a routing its QMoE nodes express: softmax top-k (renormalised, or scaled back
+    # by the top-k probability mass); sigmoid scores, groups, biases and scales are routed by the runtime
     r = moe.routing
-    fusable = (scheme is not None and scheme == policy.experts_down and scheme.symmetric
-               and s.hidden_size % scheme.block_size == 0 and moe.expert_intermediate_size % scheme.block_size == 0
-               and r.scoring == "softmax" and r.groups == 1 and not r.bias and r.scale == 1.0)
+    fusable = qmoe and r.scoring == "softmax" and r.groups == 1 and not r.bias and r.scale == 1.0
     # the expert store keeps these scales as fp16 (the expert graph and QMoE take fp32)
     half = {f"expert.{n}.scales" for n, sc in (("gate_up", policy.experts), ("down", policy.experts_down))
             if sc is not None and sc.scale_dtype == "float16"}
@@ -234,7 +234,7 @@ def build_moe(root: Path, arch: DecoderArch, get: Callable[[str], np.ndarray], p
             eg, eem = _expert_graph(blob, gate, up, down, s.hidden_size, (policy.experts, policy.experts_down),
                                     "expert.", {k: v for k, v in mine_cal.items() if v is not None})
             raw = blob.bytes()
-            if fusable:
+            if qmoe:
                 eg, blob = _qmoe_expert(_tensors(eg, raw), s.hidden_size, scheme)
                 raw = blob.bytes()
             graph_layout = _layout(eg)

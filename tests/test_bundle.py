@@ -91,7 +91,7 @@ def test_unsupported_architecture_is_named(tiny_checkpoint, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "gpt_bigcode"
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedError, match="gpt_bigcode.*supported model_types: llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"):
+    with pytest.raises(UnsupportedError, match="gpt_bigcode.*supported model_types: deepseek_v2, deepseek_v3, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         export_model(str(src), tmp_path / "out", progress=False)
 
 

@@ -6,7 +6,7 @@ import pytest
 import edge
 
 ARCHS = ["llama", "llama-tied-rope3", "mistral", "mistral-window", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe",
-         "qwen3_moe-mixed", "qwen2_moe-mixed"]
+         "qwen3_moe-mixed", "qwen2_moe-mixed", "deepseek_v2", "deepseek_v2-groups", "deepseek_v3", "deepseek_v3-plain"]
 
 
 def reference(hf_dir, ids, steps):

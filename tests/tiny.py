@@ -32,6 +32,31 @@ CONFIGS = {
     "qwen2_moe-mixed": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                             shared_expert_intermediate_size=96, norm_topk_prob=False, num_hidden_layers=4,
                             decoder_sparse_step=2),
+    # DeepSeek: multi-head latent attention (with and without the q LoRA), dense first layers, shared experts
+    "deepseek_v2": dict(model_type="deepseek_v2", num_key_value_heads=4, num_hidden_layers=3, moe_intermediate_size=32,
+                        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                        topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False),
+    "deepseek_v2-groups": dict(model_type="deepseek_v2", num_key_value_heads=4, num_hidden_layers=3,
+                               moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+                               first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                               qk_nope_head_dim=16, v_head_dim=12, topk_method="group_limited_greedy", n_group=4,
+                               topk_group=2, routed_scaling_factor=1.5, norm_topk_prob=False,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 32, "beta_fast": 32,
+                                                "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    "deepseek_v3": dict(model_type="deepseek_v3", num_key_value_heads=4, num_hidden_layers=3, moe_intermediate_size=32,
+                        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                        kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+                        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                         "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                                         "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "deepseek_v3-plain": dict(model_type="deepseek_v3", num_key_value_heads=4, num_hidden_layers=2,
+                              moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0,
+                              first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                              qk_nope_head_dim=16, v_head_dim=12, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                              norm_topk_prob=False, rope_interleave=False),
 }
 
 
@@ -61,6 +86,9 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif n.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+        for n, b in model.named_buffers():                # DeepSeek-V3's routing bias (a buffer, saved)
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

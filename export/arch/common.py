@@ -48,6 +48,7 @@ class MLAShape:
     v_dim: int             # per head value dims (v_head_dim)
     scale: float           # the softmax scale (YaRN's mscale folded in)
     interleaved: bool      # rotary pairs (2j, 2j+1) as the checkpoint lays them out, else halves
+    latent_eps: float = 1e-6   # the q_a / kv_a RMSNorms' epsilon: DeepSeek's code fixes it, whatever rms_norm_eps says
 
 
 @dataclass(frozen=True)
@@ -194,3 +195,63 @@ def sparse_moe(arch: DecoderArch, cfg: dict, *, ffn_key: str, normalize: bool, p
 def softmax_topk(top_k: int, normalize: bool) -> Routing:
     """Softmax over the experts, top-k, renormalised to sum to 1 if asked (Mixtral, Qwen-MoE, OLMoE)."""
     return Routing(scoring="softmax", top_k=top_k, normalize=normalize)
+
+
+def deepseek_family(cfg: dict, routing: Routing) -> DecoderArch:
+    """DeepSeek-V2/V3's layout: multi-head latent attention, the first `first_k_dense_replace` layers
+    with a dense MLP and the rest sparse, with ungated shared experts, HF tensor names."""
+    from ..attention import mla
+    from ..rope import yarn_mscale
+    reject(cfg, "hidden_act", ("silu",))
+    reject(cfg, "attention_bias", (False,), " (DeepSeek checkpoints have no attention biases)")
+    reject(cfg, "moe_layer_freq", (1,))
+    theta, scaling = rope_config(cfg)
+    hidden, heads, layers = require(cfg, "hidden_size"), require(cfg, "num_attention_heads"), require(cfg, "num_hidden_layers")
+    nope, rope, v = require(cfg, "qk_nope_head_dim"), require(cfg, "qk_rope_head_dim"), require(cfg, "v_head_dim")
+    scale = (nope + rope) ** -0.5
+    if scaling and scaling.get("mscale_all_dim"):                 # YaRN scales q.k on every dim, not only rotary
+        scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+    shape = MLAShape(q_rank=cfg.get("q_lora_rank") or 0, kv_rank=require(cfg, "kv_lora_rank"), nope_dim=nope,
+                     rope_dim=rope, v_dim=v, scale=scale, interleaved=bool(cfg.get("rope_interleave", True)))
+    n_exp = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or require(cfg, "num_experts")
+    ffn = require(cfg, "moe_intermediate_size")
+    first_dense = cfg.get("first_k_dense_replace") or 0
+    spec = ModelSpec(
+        architecture=cfg["model_type"], vocab_size=require(cfg, "vocab_size"), hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=heads, head_dim=nope + rope, intermediate_size=require(cfg, "intermediate_size"),
+        max_context=cfg.get("max_position_embeddings") or 4096, rope_theta=theta, rope_scaling=rope_kind(scaling),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=False, qk_norm="", sliding_window=0, num_parameters=0, num_experts=n_exp,
+        experts_per_token=routing.top_k, expert_intermediate_size=ffn, attention="mla")
+
+    def layer_names(i: int) -> dict[str, str]:
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        names = {"input_norm": p + "input_layernorm.weight", "post_norm": p + "post_attention_layernorm.weight",
+                 "kv_a": a + "kv_a_proj_with_mqa.weight", "kv_a_norm": a + "kv_a_layernorm.weight",
+                 "kv_b": a + "kv_b_proj.weight", "o": a + "o_proj.weight"}
+        if shape.q_rank:
+            names.update(q_a=a + "q_a_proj.weight", q_a_norm=a + "q_a_layernorm.weight", q_b=a + "q_b_proj.weight")
+        else:
+            names["q"] = a + "q_proj.weight"
+        for r in ("gate", "up", "down"):
+            names[r] = p + f"mlp.{r}_proj.weight"
+        return names
+
+    def experts(get, i: int):
+        p = f"model.layers.{i}.mlp.experts."
+        yield from stored_experts(get, i, n_exp, ffn, lambda e: (f"{p}{e}.gate_proj.weight", f"{p}{e}.up_proj.weight",
+                                                                 f"{p}{e}.down_proj.weight"))
+
+    def shared(i: int) -> dict[str, str]:
+        p = f"model.layers.{i}.mlp.shared_experts."
+        return {r: f"{p}{r}_proj.weight" for r in ("gate", "up", "down")}
+
+    moe = MoEArch(num_experts=n_exp, expert_intermediate_size=ffn, routing=routing,
+                  sparse_layers=tuple(range(first_dense, layers)),
+                  router=lambda get, i: get(f"model.layers.{i}.mlp.gate.weight"), experts=experts,
+                  shared_expert=shared if cfg.get("n_shared_experts") else None,
+                  router_bias=lambda get, i: get(f"model.layers.{i}.mlp.gate.e_score_correction_bias"))
+    arch = DecoderArch(spec=spec, rope_scaling=scaling, top=top_names(spec), layer_names=layer_names, attention=mla,
+                       rope_dim=rope, moe=moe, mla=shape)
+    return arch

@@ -1,0 +1,130 @@
+"""DeepSeek-V2/V3: routing equals transformers' routers, tiny random checkpoints (MLA with and without
+the q LoRA, groups, shared experts, dense first layers, YaRN) give transformers' greedy tokens, export
+and generate in int8 and int4, and stream their experts under a small cache with the unlimited run's
+logits. (fp32 logits against transformers: tests/test_tiny_models.py.)"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edge
+from edge.errors import BundleError
+from edge.manifest import Routing
+from edge.routing import route, route_one
+from test_tiny_models import ours, reference
+
+ARCHS = ["deepseek_v2", "deepseek_v2-groups", "deepseek_v3", "deepseek_v3-plain"]
+
+
+def _hf_router(model_type: str, **cfg):
+    import torch
+    from transformers import AutoConfig
+    c = AutoConfig.for_model(model_type, hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, **cfg)
+    if model_type == "deepseek_v2":
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter as Router
+    else:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter as Router
+    torch.manual_seed(0)
+    r = Router(c)
+    with torch.no_grad():
+        r.weight.normal_()
+        if hasattr(r, "e_score_correction_bias"):
+            r.e_score_correction_bias.normal_(0, 0.1)
+    return r
+
+
+@pytest.mark.parametrize("model_type,cfg,routing", [
+    ("deepseek_v2", dict(topk_method="greedy", routed_scaling_factor=1.0),
+     Routing(scoring="softmax", top_k=4, normalize=False)),
+    ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5),
+     Routing(scoring="softmax", top_k=4, normalize=False, scale=1.5, groups=4, top_groups=2, group_score="max")),
+    ("deepseek_v3", dict(n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5),
+     Routing(scoring="sigmoid", top_k=4, normalize=True, scale=2.5, groups=4, top_groups=2, group_score="top2_sum",
+             bias=True)),
+    ("deepseek_v3", dict(n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0),
+     Routing(scoring="sigmoid", top_k=4, normalize=False, groups=1, top_groups=1, group_score="top2_sum", bias=True)),
+])
+def test_routing_equals_transformers_routers(model_type, cfg, routing):
+    import torch
+    r = _hf_router(model_type, **cfg)
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, w, ids = r(x)
+    bias = r.e_score_correction_bias.numpy() if routing.bias else None
+    got_ids, got_w = route(logits.numpy(), routing, bias)
+    order = np.argsort(ids.numpy(), -1)                        # transformers' top-k is unsorted
+    want_ids = np.take_along_axis(ids.numpy(), order, -1)
+    want_w = np.take_along_axis(w.numpy(), order, -1)
+    mine = np.argsort(got_ids, -1)
+    assert np.array_equal(np.take_along_axis(got_ids, mine, -1), want_ids)
+    np.testing.assert_allclose(np.take_along_axis(got_w, mine, -1), want_w, rtol=1e-6, atol=1e-7)
+    for t in range(8):                                         # decode's one-token path: the same to the bit
+        one_ids, one_w = route_one(logits[t].numpy(), routing, bias)
+        assert one_ids == got_ids[t].tolist() and np.array_equal(np.array(one_w, np.float32), got_w[t])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_equal_transformers(arch, tiny_checkpoint, tiny_bundle):
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, 256, 10)]
+    _, tokens = reference(tiny_checkpoint(arch), ids, 12)
+    d = edge.load(tiny_bundle(arch), threads=1, context_length=64).decoder
+    got = [int(np.argmax(d.forward(ids)))]                     # greedy past the tiny tokenizer's eos too
+    while len(got) < len(tokens):
+        got.append(int(np.argmax(d.forward([got[-1]]))))
+    assert got == tokens
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2-groups", "deepseek_v3"])
+@pytest.mark.parametrize("quant,tol", [("int8", 0.05), ("int4", 0.5)])
+def test_quantized_exports_generate(arch, quant, tol, tiny_bundle):
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 256, 16)]
+    exact = edge.load(tiny_bundle(arch), threads=1, context_length=64)
+    approx = edge.load(tiny_bundle(arch, quant), threads=1, context_length=64)
+    a, b = approx.logits(ids), exact.logits(ids)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < tol
+    assert 1 <= len(approx.generate_ids(ids, max_new_tokens=8, temperature=0.0)) <= 8
+    kinds = {t.name: t.dtype for t in approx.manifest.tensors}
+    assert kinds["layers.1.kv_a"] == "int8" and kinds["layers.1.kv_b.k"] == "float32"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+@pytest.mark.parametrize("slots", [True, False])
+def test_a_small_expert_cache_gives_the_unlimited_logits(arch, quant, slots, tiny_bundle):
+    b = tiny_bundle(arch, quant)
+    ids = [int(i) for i in np.random.default_rng(6).integers(0, 256, 12)]
+    full = edge.load(b, threads=1, context_length=64)
+    r = full.manifest.moe.routing        # a fused graph only where QMoE routes alike (DeepSeek-V2's plain softmax)
+    assert (full.manifest.moe.fused is not None) == (quant == "int4" and r.groups == 1 and r.scoring == "softmax"
+                                                     and r.scale == 1.0)
+    want = ours(b, ids, list(range(40, 48)))
+    top_k = full.manifest.moe.top_k
+    small = edge.load(b, threads=1, context_length=64, expert_capacity=top_k, expert_slots=slots)
+    assert type(small.decoder.experts).__name__ == ("SlotCache" if slots else "ExpertCache")
+    got = ours(b, ids, list(range(40, 48)), expert_capacity=top_k, expert_slots=slots)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(got, want)) < 1e-4
+    assert small.generate_ids(ids, max_new_tokens=16, temperature=0.0) == \
+        full.generate_ids(ids, max_new_tokens=16, temperature=0.0)
+    assert small.decoder.experts.stats.misses > 0
+
+
+def test_the_cache_holds_the_latent(tiny_bundle):
+    """One buffer a layer: the compressed latent and the rotary key, [1, tokens, kv_lora_rank + rope]."""
+    m = edge.load(tiny_bundle("deepseek_v3"), threads=1, context_length=64).manifest
+    assert [(c.shape, c.update) for c in m.graph.cache] == [((1, -1, 16 + 8), "append")] * 3
+    assert m.graph.cache_bytes(100) == 3 * 24 * 4 * 100
+    assert [st.cache for st in m.moe.stages] == [(0,), (1,), (2,), ()]
+
+
+def test_an_unknown_routing_is_an_error_at_load(tiny_bundle, tmp_path):
+    b = shutil.copytree(tiny_bundle("deepseek_v3"), tmp_path / "b")
+    m = json.loads((b / "manifest.json").read_text())
+    m["moe"]["routing"]["scoring"] = "relu"
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="unknown routing scoring 'relu'"):
+        edge.load(b)
+    m["moe"]["routing"].update(scoring="sigmoid", kind="noaux")
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="unknown field"):
+        edge.load(b)
