@@ -1,5 +1,7 @@
 """Checkpoint readers. Each gives the same thing: a Hugging Face style config dict, tensors by
 Hugging Face name as fp32 numpy arrays (read one at a time, memory-mapped), and tokenizer assets.
+FP8 checkpoints (DeepSeek-V3/R1: e4m3 weights with a `weight_scale_inv` per 128x128 block) are
+dequantized here, one tensor at a time, so every later step sees fp32.
 
     open_source(path)  -> HFFolder | GGUFFile
 """
@@ -15,7 +17,30 @@ import numpy as np
 
 from edge.errors import ConfigError, EdgeError, MissingTensorError
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
+
+
+def _fp8_table(exponent_bits: int, *, finite: bool) -> np.ndarray:
+    """The fp32 value of each of the 256 bytes of an 8-bit float: 1 sign bit, `exponent_bits`
+    exponent bits (bias 2^(e-1) - 1), the rest mantissa. e4m3 is the 'fn' variant (`finite`: no
+    infinities, only S.1111.111 is NaN, max 448); e5m2 follows IEEE (inf and NaN at the top exponent)."""
+    m_bits = 7 - exponent_bits
+    b = np.arange(256)
+    sign = np.where(b >> 7, -1.0, 1.0)
+    e, m = (b >> m_bits) & ((1 << exponent_bits) - 1), b & ((1 << m_bits) - 1)
+    bias = (1 << (exponent_bits - 1)) - 1
+    value = np.where(e == 0, m / (1 << m_bits) * 2.0 ** (1 - bias),           # subnormals
+                     (1 + m / (1 << m_bits)) * 2.0 ** (e - bias))
+    top = e == (1 << exponent_bits) - 1
+    if finite:
+        value = np.where(top & (m == (1 << m_bits) - 1), np.nan, value)
+    else:
+        value = np.where(top, np.where(m == 0, np.inf, np.nan), value)
+    return (sign * value).astype(np.float32)
+
+
+_FP8 = {"F8_E4M3": _fp8_table(4, finite=True), "F8_E5M2": _fp8_table(5, finite=False)}
 
 
 @dataclass(frozen=True)
@@ -76,14 +101,40 @@ class HFFolder:
         if name not in self._where:
             raise MissingTensorError(f"tensor {name!r} is not in the checkpoint at {self.root} "
                             f"(is config.json's model_type {self.config.get('model_type')!r} right?)")
+        a, dt = self._raw(name)
+        if dt in _FP8:
+            return self._dequantize_fp8(name, _FP8[dt][a])
+        return bf16_to_f32(a) if dt == "BF16" else a.astype(np.float32)
+
+    def _raw(self, name: str) -> tuple[np.ndarray, str]:
+        """The tensor as stored (memory-mapped), and its safetensors dtype."""
         path, meta = self._where[name]
         dt = meta["dtype"]
         if dt not in _ST_DTYPES:
             raise EdgeError(f"tensor {name} has dtype {dt}; supported: {', '.join(_ST_DTYPES)}")
         b, e = meta["data_offsets"]
         raw = np.memmap(path, dtype=np.uint8, mode="r", offset=meta["base"] + b, shape=(e - b,))
-        a = raw.view(_ST_DTYPES[dt]).reshape(meta["shape"])
-        return bf16_to_f32(a) if dt == "BF16" else a.astype(np.float32)
+        return raw.view(_ST_DTYPES[dt]).reshape(meta["shape"]), dt
+
+    def _dequantize_fp8(self, name: str, w: np.ndarray) -> np.ndarray:
+        """Block-scaled FP8: each (rows x cols) block of the last two axes is multiplied by its entry
+        of `<name>_scale_inv` (shape [..., ceil(out/rows), ceil(in/cols)]; the name is DeepSeek's,
+        the stored value multiplies). Scaled one row block at a time: no second full-size array."""
+        scale_name = name + "_scale_inv"
+        if scale_name not in self._where:
+            raise EdgeError(f"FP8 tensor {name} has no {scale_name} in {self.root}: edge reads block-scaled FP8 "
+                            "checkpoints as DeepSeek publishes them (weight and weight_scale_inv)")
+        qc = self.config.get("quantization_config") or {}
+        rows, cols = qc.get("weight_block_size") or (128, 128)
+        scale = self.get(scale_name)
+        want = w.shape[:-2] + (-(-w.shape[-2] // rows), -(-w.shape[-1] // cols))
+        if w.ndim < 2 or scale.shape != want:
+            raise EdgeError(f"{scale_name} has shape {list(scale.shape)}; weight {list(w.shape)} in "
+                            f"{rows}x{cols} blocks needs {list(want)}")
+        for r in range(want[-2]):
+            block_rows = w[..., r * rows:(r + 1) * rows, :]
+            block_rows *= np.repeat(scale[..., r, :], cols, axis=-1)[..., None, :w.shape[-1]]
+        return w
 
     def tokenizer(self) -> TokenizerAssets:
         tok = self.root / "tokenizer.json"

@@ -128,3 +128,64 @@ def test_an_unknown_routing_is_an_error_at_load(tiny_bundle, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="unknown field"):
         edge.load(b)
+
+
+def _fp8_blocks(w, block: int):
+    """DeepSeek's FP8 layout of one weight: e4m3 values and one fp32 scale per block x block tile,
+    chosen so the tile's largest magnitude maps to e4m3's largest (448)."""
+    import torch
+    rows, cols = -(-w.shape[-2] // block), -(-w.shape[-1] // block)
+    padded = torch.zeros(*w.shape[:-2], rows * block, cols * block)
+    padded[..., :w.shape[-2], :w.shape[-1]] = w
+    tiles = padded.unflatten(-1, (cols, block)).unflatten(-3, (rows, block))      # [..., R, b, C, b]
+    scale = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / 448.0             # [..., R, C]
+    expanded = scale.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :w.shape[-2], :w.shape[-1]]
+    q = (w / expanded).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * expanded
+
+
+def test_an_fp8_checkpoint_exports_as_its_dequantized_twin(tiny_checkpoint, tmp_path):
+    """Bar: FP8 e4m3 weights with block scales (16x16 here, ragged at the edges; DeepSeek uses
+    128x128) give the fp32 export of the twin that holds the same weights dequantized."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from export import ExportOptions, export_model
+    src = tiny_checkpoint("deepseek_v3")
+    fp8_dir, twin_dir = tmp_path / "fp8", tmp_path / "twin"
+    fp8, twin = {}, {}
+    for name, w in load_file(src / "model.safetensors").items():
+        if ".layers." in name and name.endswith("proj.weight") or "proj_with_mqa" in name:
+            fp8[name], fp8[name + "_scale_inv"], twin[name] = _fp8_blocks(w, 16)
+        else:
+            fp8[name] = twin[name] = w
+    assert sum(v.dtype == torch.float8_e4m3fn for v in fp8.values()) > 30
+    for d, tensors in ((fp8_dir, fp8), (twin_dir, twin)):
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(tensors, d / "model.safetensors")
+    cfg = json.loads((fp8_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [16, 16]}
+    (fp8_dir / "config.json").write_text(json.dumps(cfg))
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 256, 10)]
+    logits = []
+    for d in (fp8_dir, twin_dir):
+        b = export_model(str(d), tmp_path / f"{d.name}-bundle", ExportOptions(quant="fp32"), progress=False).out
+        logits.append(ours(b, ids, [1, 2, 3, 4]))
+    for a, b in zip(*logits):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_fp8_tensors_are_dequantized_in_blocks(tmp_path):
+    """The reader against torch's own e4m3 conversion, for a fused [experts, out, in] tensor with
+    ragged blocks; a weight without its scale is a clear error."""
+    import torch
+    from safetensors.torch import save_file
+    from export.sources import HFFolder
+    w = torch.randn(3, 40, 20, generator=torch.Generator().manual_seed(0))
+    q, scale, want = _fp8_blocks(w, 16)
+    save_file({"w": q, "w_scale_inv": scale, "lonely": q.clone()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [16, 16]}}))
+    src = HFFolder(tmp_path)
+    assert np.array_equal(src.get("w"), want.numpy())
+    with pytest.raises(edge.EdgeError, match="lonely has no lonely_scale_inv"):
+        src.get("lonely")
