@@ -189,3 +189,20 @@ def test_fp8_tensors_are_dequantized_in_blocks(tmp_path):
     assert np.array_equal(src.get("w"), want.numpy())
     with pytest.raises(edge.EdgeError, match="lonely has no lonely_scale_inv"):
         src.get("lonely")
+
+
+def test_the_classic_rope_scaling_spelling_exports_alike(tiny_checkpoint, tiny_bundle, tmp_path):
+    """DeepSeek's published config.json files say rope_theta + rope_scaling {"type": "yarn", ...};
+    transformers 5 saves rope_parameters. Both give the same bundle logits."""
+    from export import ExportOptions, export_model
+    src = shutil.copytree(tiny_checkpoint("deepseek_v2-groups"), tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    cfg["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in params.items()}
+    assert cfg["rope_scaling"]["type"] == "yarn"
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = export_model(str(src), tmp_path / "b", ExportOptions(quant="fp32"), progress=False).out
+    ids = [5, 17, 99, 3, 250, 7]
+    assert np.array_equal(edge.load(out, threads=1).logits(ids),
+                          edge.load(tiny_bundle("deepseek_v2-groups"), threads=1).logits(ids))

@@ -1,5 +1,6 @@
 """Mixture-of-Experts: tiny Mixtral equals transformers (test_tiny_models), greedy output under a
 small expert cache equals the all-resident run, and the real SmolMoE-8x135M equals transformers."""
+import json
 import os
 
 import numpy as np
@@ -420,7 +421,7 @@ def test_short_expert_read_names_file_and_offset(tiny_bundle, tmp_path):
                 m.decoder.experts.get(layer, e)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_fused_expert_tensors_export_as_per_expert_ones(tiny_checkpoint, tiny_bundle, tmp_path, arch):
     """A checkpoint may hold each layer's experts fused, as transformers holds them in memory
     (mlp.experts.gate_up_proj [E, 2F, H], gate rows first; mlp.experts.down_proj [E, H, F]; Mixtral's
@@ -433,11 +434,14 @@ def test_fused_expert_tensors_export_as_per_expert_ones(tiny_checkpoint, tiny_bu
     shutil.copytree(src, dst)
     w = load_file(str(src / "model.safetensors"))
     per = {"mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3", "block_sparse_moe.experts.{e}.w2"),
-           "qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")}[arch]
-    for i in range(2):
+           "qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")}
+    per = per.get(arch, per["qwen3_moe"])
+    cfg = json.loads((src / "config.json").read_text())
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]
+    for i in range(cfg.get("first_k_dense_replace", 0), cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         take = lambda role, e: w.pop(p + per[role].format(e=e) + ".weight")
-        gate, up, down = ([take(r, e) for e in range(4)] for r in range(3))
+        gate, up, down = ([take(r, e) for e in range(experts)] for r in range(3))
         w[p + "mlp.experts.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])   # [E, 2F, H]
         w[p + "mlp.experts.down_proj"] = np.stack(down)                                                     # [E, H, F]
         if arch == "mixtral":

@@ -1,4 +1,4 @@
-"""DeepSeek-V3, R1 and models built on them (Moonlight, Kimi; model_type "deepseek_v3"): DeepSeek-V2's
+"""DeepSeek-V3, R1 and models built on them (Moonlight; model_type "deepseek_v3"): DeepSeek-V2's
 layout with sigmoid routing.
 
 Routing: sigmoid scores; a per-expert correction bias (e_score_correction_bias) is added for choosing
