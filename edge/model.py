@@ -32,6 +32,7 @@ class GenerationStats:
     decode_s: float = 0.0           # wall time from the prompt's logits to the last step's
     decode_steps: int = 0           # one-token forward passes in decode_s
     finish_reason: str = ""         # "eos", "stop", "length", "context", "cancelled"
+    cached_tokens: int = 0          # prompt tokens whose KV cache an earlier generation left (not run again)
 
     @property
     def prompt_tok_s(self) -> float:
@@ -40,6 +41,39 @@ class GenerationStats:
     @property
     def decode_tok_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+
+class PromptCache:
+    """Which prompt tokens the decoder's KV cache still holds, so that a generation starting with
+    them (the next chat turn, the same long system prompt) runs only the rest. Only whole prefill
+    pieces computed from position 0 are reused: the new prompt's remaining pieces then start where a
+    cold run's would, and outputs equal a cold run's to the bit (the int8-activation kernels round a
+    piece by its length, and a one-token decode step differently again, so decoded tokens are run
+    again as part of the next prompt). Anything else that moves the decoder invalidates it."""
+
+    def __init__(self, piece: int):
+        self.piece = piece
+        self.tokens: list[int] = []     # the cached prompt tokens, a whole number of pieces
+        self.writes = -1                # the decoder's write count when they were last known good
+
+    def reusable(self, decoder, ids: list[int]) -> int:
+        if decoder.writes != self.writes:
+            return 0
+        n = 0
+        for a, b in zip(self.tokens, ids[:-1]):   # the last prompt token always runs, for its logits
+            if a != b:
+                break
+            n += 1
+        return n // self.piece * self.piece
+
+    def keep(self, ids: list[int]) -> None:
+        self.tokens = list(ids[:len(ids) // self.piece * self.piece])
+
+    def settle(self, decoder) -> None:
+        """After a generation: forget what was decoded, keep the cached prompt."""
+        decoder.rewind(min(len(self.tokens), decoder.position))
+        self.tokens = self.tokens[:decoder.position]
+        self.writes = decoder.writes
 
 
 class Model:
@@ -79,6 +113,7 @@ class Model:
         self.threads = threads
         self.eos = frozenset(m.tokenizer.eos_token_ids)
         self.last_stats = GenerationStats()
+        self.prompt_cache = PromptCache(self.decoder.prefill_chunk or PREFILL_CHUNK)
         self._lock = threading.Lock()
 
     @property
@@ -141,7 +176,7 @@ class Model:
                 if tail:
                     yield tail
             finally:
-                self.decoder.reset()
+                self.prompt_cache.settle(self.decoder)
 
     def generate_ids(self, ids: list[int], *, cancel: threading.Event | None = None, **sampling) -> list[int]:
         """Token ids in, generated token ids out (no detokenisation, no stop strings)."""
@@ -152,7 +187,7 @@ class Model:
             try:
                 return list(self._tokens(list(ids), params, stats, cancel))
             finally:
-                self.decoder.reset()
+                self.prompt_cache.settle(self.decoder)
 
     def _tokens(self, ids: list[int], params: SamplingParams, stats: GenerationStats, cancel=None) -> Iterator[int]:
         if not ids:
@@ -163,9 +198,13 @@ class Model:
                                f"(this model allows up to {self.manifest.model.max_context})")
         sample = Sampler(params)
         history = np.array(ids, np.int64) if params.repetition_penalty != 1.0 else None
-        self.decoder.reset()
+        reuse = self.prompt_cache.reusable(self.decoder, ids)
+        self.prompt_cache.keep([])                      # until this prompt has run
+        self.decoder.rewind(reuse)
+        stats.cached_tokens = reuse
         t0 = time.perf_counter()
-        logits = self.decoder.forward(ids)[-1]
+        logits = self.decoder.forward(ids[reuse:])[-1]
+        self.prompt_cache.keep(ids)
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0
         for n in range(params.max_new_tokens):
@@ -202,12 +241,13 @@ class Model:
         ids = np.asarray(ids, np.int64)
         size = self.decoder.prefill_chunk or max(1, len(ids))
         with self._lock:
+            self.prompt_cache.keep([])
             self.decoder.reset()
             try:
                 for i in range(0, max(1, len(ids)), size):        # no ids: forward() says so
                     yield i, self.decoder.forward(ids[i:i + size], all_logits=True)
             finally:
-                self.decoder.reset()
+                self.prompt_cache.settle(self.decoder)
 
 
 def load(path, *, threads: int | None = None, context_length: int | None = None,

@@ -211,6 +211,7 @@ class MoEDecoder:
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self.position = 0
+        self.writes = 0     # forward and rewind calls so far: a change of the cache anyone made
         self._decode_bound = False
         self._shared = [("moe_shared" in st.outputs) for st in self.moe.stages[:-1]]
         self._moe_layer = self.moe.moe_layers()          # stage -> MoE layer, None for a dense layer's
@@ -358,7 +359,14 @@ class MoEDecoder:
         self.stages = []
 
     def reset(self) -> None:
-        self.position = 0
+        self.rewind(0)
+
+    def rewind(self, position: int) -> None:
+        """Keep the first `position` cached tokens and forget the rest (the prompt cache)."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to {position}: {self.position} tokens are cached")
+        self.position = position
+        self.writes += 1
         if self.plan is not None:
             # embedding rows each generation gathered stay mapped and count against the budget:
             # drop them (they fault back from the page cache if read again). ~1 ms.
@@ -446,6 +454,7 @@ class MoEDecoder:
         return b["out"][0]
 
     def forward(self, ids, *, all_logits: bool = False) -> np.ndarray:
+        self.writes += 1                    # the cache changed (the prompt cache checks this)
         ids, total = step_ids(ids, self.position, self.context_length)
         s = ids.shape[1]
         if s > self.prefill_chunk:
