@@ -1,4 +1,4 @@
-"""The `edge` command: export, run, chat, bench, inspect (devices and plan: cli_devices.py)."""
+"""The `edge` command: export, run, chat, serve, bench, inspect (devices and plan: cli_devices.py)."""
 from __future__ import annotations
 
 import collections
@@ -152,15 +152,18 @@ def chat(bundle: str, system: Optional[str] = typer.Option(None, help="System pr
          seed: Optional[int] = _SEED, threads: Optional[int] = _THREADS, context: Optional[int] = _CTX,
          memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY, store: Optional[str] = _STORE,
          expert_slots: bool = _SLOTS):
-    """Interactive chat. Empty line or Ctrl-D ends; /reset forgets the conversation."""
+    """Interactive chat. Empty line or Ctrl-D ends; /reset forgets the conversation. When the
+    conversation outgrows the context, the oldest turns are dropped (the system prompt is kept)."""
     from .model import load
     model = load(bundle, threads=threads, context_length=context, memory_budget=_process(memory_budget),
                  expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     history = [{"role": "system", "content": system}] if system else []
+    print(f"chatting with {bundle} (context {model.context_length} tokens); /reset forgets the conversation, "
+          "an empty line or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = input("you> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return
@@ -168,18 +171,63 @@ def chat(bundle: str, system: Optional[str] = typer.Option(None, help="System pr
             return
         if line.strip() == "/reset":
             history = history[:1] if system else []
+            print("(conversation forgotten" + (", system prompt kept)" if system else ")"), file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
+        prepared = model.prepare_chat(history, reserve=min(max_new_tokens, model.context_length // 2))
+        if prepared.dropped:
+            history = history[:1] + history[1 + prepared.dropped:] if system else history[prepared.dropped:]
+            print(f"(the conversation outgrew the {model.context_length}-token context: dropped the "
+                  f"{prepared.dropped} oldest messages)", file=sys.stderr)
         reply = []
+
+        def show(piece):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
         try:
-            for piece in model.chat(history, stream=True, **kw):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            model.complete_chat(prepared, on_piece=show, **kw)
         except KeyboardInterrupt:
             pass
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@app.command()
+def serve(bundle: str, host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; "
+                                                "then set --api-key)."),
+          port: int = typer.Option(8000, help="TCP port."),
+          api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
+          name: Optional[str] = typer.Option(None, "--name", help="Model id clients send (default: the bundle's name)."),
+          parallel: int = typer.Option(1, "--parallel", help="Model instances serving requests at once (each "
+                                       "holds its own weights and KV cache)."),
+          queue_size: int = typer.Option(8, "--queue", help="Requests that may wait; more get 503 with Retry-After."),
+          threads: Optional[int] = _THREADS, context: Optional[int] = _CTX, memory_budget: Optional[str] = _BUDGET,
+          expert_policy: str = _POLICY, store: Optional[str] = _STORE, expert_slots: bool = _SLOTS,
+          device: Optional[str] = _DEVICE):
+    """Serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health): streaming, JSON-schema output, tool calls. Needs pip install "edge[serve]"."""
+    from pathlib import Path
+    from .model import load
+    try:
+        from .server import serve as run_server
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise EdgeError('edge serve needs its extra: pip install "edge[serve]"') from None
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
+    if parallel < 1 or queue_size < 0:
+        raise EdgeError("--parallel must be >= 1 and --queue >= 0")
+    if device:
+        threads, context, memory_budget = apply_device(bundle, device, threads=threads, context=context,
+                                                       memory_budget=memory_budget)
+    models = [load(bundle, threads=threads, context_length=context, memory_budget=_process(memory_budget),
+                   expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots) for _ in range(parallel)]
+    name = name or Path(bundle).resolve().name
+    print(f"serving {name} on http://{host}:{port}/v1 ({parallel} instance(s), context {models[0].context_length})",
+          file=sys.stderr)
+    run_server(models, name=name, host=host, port=port, api_key=api_key, queue_size=queue_size)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -33,6 +34,7 @@ class GenerationStats:
     decode_steps: int = 0           # one-token forward passes in decode_s
     finish_reason: str = ""         # "eos", "stop", "length", "context", "cancelled"
     cached_tokens: int = 0          # prompt tokens whose KV cache an earlier generation left (not run again)
+    dropped_messages: int = 0       # chat: oldest messages left out so that the conversation fits
 
     @property
     def prompt_tok_s(self) -> float:
@@ -41,6 +43,17 @@ class GenerationStats:
     @property
     def decode_tok_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation, as chat(tools=...) and the server report it."""
+    text: str
+    tool_calls: tuple = ()          # structured.ToolCall: the function the model called, if it did
+    finish_reason: str = "stop"     # OpenAI's: "stop" (end of text, a stop string), "length", "tool_calls"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class PromptCache:
@@ -114,6 +127,7 @@ class Model:
         self.eos = frozenset(m.tokenizer.eos_token_ids)
         self.last_stats = GenerationStats()
         self.prompt_cache = PromptCache(self.decoder.prefill_chunk or PREFILL_CHUNK)
+        self._grammar_tokenizer = None
         self._lock = threading.Lock()
 
     @property
@@ -142,30 +156,89 @@ class Model:
         return self.text.encode(prompt)
 
     # -- generation ----------------------------------------------------------------------------
-    def generate(self, prompt: str, *, cancel: threading.Event | None = None, **sampling) -> str:
-        return "".join(self.stream(prompt, cancel=cancel, **sampling))
+    def generate(self, prompt: str, *, cancel: threading.Event | None = None, json_schema: dict | None = None,
+                 **sampling) -> str:
+        """The completion of `prompt`. `json_schema`: the output is JSON that validates against it
+        (enforced token by token; needs `pip install "edge[serve]"`)."""
+        return "".join(self.stream(prompt, cancel=cancel, json_schema=json_schema, **sampling))
 
-    def chat(self, messages: list[dict], *, stream: bool = False, cancel: threading.Event | None = None, **sampling):
-        """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) with the model's chat template."""
-        prompt = self.text.render_chat(messages, add_generation_prompt=True)
-        it = self.stream(prompt, cancel=cancel, **sampling)
+    def chat(self, messages: list[dict], *, stream: bool = False, cancel: threading.Event | None = None,
+             json_schema: dict | None = None, tools: list[dict] | None = None, tool_choice="auto", **sampling):
+        """Reply to `messages` ([{"role": "user", "content": "..."}, ...]) with the model's chat
+        template. The prompt cache makes each turn run only its new tokens. With `tools` (OpenAI's
+        function tools) the reply is a Completion whose tool_calls holds the parsed call, if the
+        model made one (tool_choice "auto", "required" or {"type": "function", "function": {"name"}}).
+        A conversation longer than the context loses its oldest turns (the system prompt is kept;
+        last_stats.dropped_messages says how many)."""
+        prepared = self.prepare_chat(messages, tools=tools, reserve=1)
+        if tools:
+            if stream:
+                raise ConfigError("chat(tools=...) returns a Completion; it does not stream")
+            return self.complete_chat(prepared, cancel=cancel, tool_choice=tool_choice, **sampling)
+        it = self._stream(prepared.ids, self.params(**sampling), cancel, self._constraint(json_schema),
+                          dropped=prepared.dropped)
         return it if stream else "".join(it)
 
-    def stream(self, prompt: str, *, cancel: threading.Event | None = None, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, *, cancel: threading.Event | None = None, json_schema: dict | None = None,
+               **sampling) -> Iterator[str]:
         """Yield text pieces as they decode. Setting `cancel` (from any thread) ends the generation
         before its next step, as closing the iterator does; finish_reason is then "cancelled"."""
         params = self.params(**sampling)
         ids = self.encode(prompt)
-        return self._stream(ids, params, cancel)
+        return self._stream(ids, params, cancel, self._constraint(json_schema))
 
-    def _stream(self, ids: list[int], params: SamplingParams, cancel) -> Iterator[str]:
+    def prepare_chat(self, messages: list[dict], *, tools=None, reserve: int = 1):
+        """The conversation as prompt tokens (chat.PreparedChat), its oldest turns dropped to leave
+        `reserve` tokens for the reply."""
+        from .chat import prepare
+        return prepare(self.text, messages, context=self.context_length, reserve=reserve, tools=tools)
+
+    def complete_chat(self, prepared, *, cancel=None, on_piece=None, json_schema: dict | None = None,
+                      tool_choice=None, **sampling) -> Completion:
+        """Run a prepared conversation to its end: the text, the tool call (when `prepared` has tools
+        and `tool_choice` is not None) and the counts. `on_piece(text)` sees the text as it decodes."""
+        from .structured import Grammar, parse_tool_call
+        grammar = Grammar.tool_call(list(prepared.tools), tool_choice) if prepared.tools and tool_choice else None
+        c = self.complete_ids(prepared.ids, cancel=cancel, on_piece=on_piece, json_schema=json_schema,
+                              grammar=grammar, dropped=prepared.dropped, **sampling)
+        call = parse_tool_call(c.text) if grammar is not None else None
+        if call is None:
+            return c
+        call = dataclasses.replace(call, id=f"call_{uuid.uuid4().hex[:24]}")
+        return dataclasses.replace(c, tool_calls=(call,), finish_reason="tool_calls")
+
+    def complete_ids(self, ids: list[int], *, cancel=None, on_piece=None, json_schema: dict | None = None,
+                     grammar=None, dropped: int = 0, **sampling) -> Completion:
+        """Token ids in, a Completion out (stop strings and `json_schema` or `grammar` applied)."""
+        constraint = self._constraint(json_schema, grammar)
+        pieces = []
+        for piece in self._stream(list(ids), self.params(**sampling), cancel, constraint, dropped=dropped):
+            pieces.append(piece)
+            if on_piece is not None:
+                on_piece(piece)
+        st = self.last_stats
+        finish = "length" if st.finish_reason in ("length", "context") else "stop"
+        return Completion("".join(pieces), (), finish, st.prompt_tokens, st.generated_tokens, st.cached_tokens)
+
+    def _constraint(self, json_schema: dict | None, grammar=None):
+        """A fresh structured.Constraint for `json_schema` or `grammar`, or None for free text."""
+        if json_schema is None and grammar is None:
+            return None
+        from .structured import Constraint, Grammar, TokenizerCache
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = TokenizerCache(self.bundle.path(self.manifest.tokenizer.file).read_text(),
+                                                     tuple(sorted(self.eos)))
+        return Constraint(self._grammar_tokenizer.get(), grammar or Grammar.json_schema(json_schema))
+
+    def _stream(self, ids: list[int], params: SamplingParams, cancel, constraint=None, *,
+                dropped: int = 0) -> Iterator[str]:
         detok = StreamDecoder(self.text)
         stops = StopStrings(params.stop)
         with self._lock:
-            stats = GenerationStats(prompt_tokens=len(ids), finish_reason="cancelled")
+            stats = GenerationStats(prompt_tokens=len(ids), finish_reason="cancelled", dropped_messages=dropped)
             self.last_stats = stats
             try:
-                for token in self._tokens(ids, params, stats, cancel):
+                for token in self._tokens(ids, params, stats, cancel, constraint):
                     piece, stopped = stops.feed(detok.push(token))
                     if piece:
                         yield piece
@@ -189,7 +262,8 @@ class Model:
             finally:
                 self.prompt_cache.settle(self.decoder)
 
-    def _tokens(self, ids: list[int], params: SamplingParams, stats: GenerationStats, cancel=None) -> Iterator[int]:
+    def _tokens(self, ids: list[int], params: SamplingParams, stats: GenerationStats, cancel=None,
+                constraint=None) -> Iterator[int]:
         if not ids:
             raise ConfigError("the prompt is empty")
         if len(ids) >= self.context_length:
@@ -211,12 +285,19 @@ class Model:
             if cancel is not None and cancel.is_set():
                 stats.finish_reason = "cancelled"
                 return
+            if constraint is not None:
+                constraint.mask(logits)                 # tokens the grammar does not allow next: -inf
             token = sample(logits, history)
             stats.generated_tokens = n + 1
             if token in self.eos:
                 stats.finish_reason = "eos"
                 return
+            if constraint is not None:
+                constraint.accept(token)
             yield token
+            if constraint is not None and constraint.finished:
+                stats.finish_reason = "eos"             # the grammar is complete: nothing may follow
+                return
             if n + 1 == params.max_new_tokens:
                 stats.finish_reason = "length"
                 return

@@ -32,7 +32,8 @@ class Text:
     def token_text(self, token_id: int) -> str:
         return self.tok.id_to_token(token_id) or ""
 
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, **extra) -> str:
+        """`extra`: more template variables (`tools`, for templates that describe them)."""
         if not self.template_source:
             raise ConfigError("this model has no chat template; use generate() with a plain prompt")
         if not isinstance(messages, (list, tuple)) or not all(
@@ -52,7 +53,7 @@ class Text:
             except TemplateError as e:
                 raise BundleError(f"the bundle's chat template does not parse: {e}") from None
         special = lambda i: self.tok.id_to_token(i) if i is not None and i >= 0 else ""
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **extra,
                                      bos_token=special(self.spec.bos_token_id),
                                      eos_token=special(self.spec.eos_token_ids[0] if self.spec.eos_token_ids else None))
 

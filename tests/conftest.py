@@ -97,3 +97,11 @@ def smollm2_hf(workdir) -> Path:
     out = workdir / "hf" / "smollm2"
     subprocess.run([sys.executable, str(build), str(out), "--dense"], check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def gguf_bundles(smollm2_gguf_path, workdir):
+    """The real SmolLM2-135M-Instruct GGUF exported in fp32, int8 and int4 (once per session)."""
+    from export import ExportOptions, export_model
+    return {q: export_model(str(smollm2_gguf_path), workdir / f"smollm2-gguf-{q}", ExportOptions(quant=q),
+                            progress=False).out for q in ("fp32", "int8", "int4")}

@@ -45,13 +45,6 @@ def perplexity(model, text):
     return math.exp(-np.mean(logp[np.arange(len(ids) - 1), ids[1:]]))
 
 
-@pytest.fixture(scope="module")
-def gguf_bundles(smollm2_gguf_path, workdir):
-    from export import ExportOptions, export_model
-    return {q: export_model(str(smollm2_gguf_path), workdir / f"smollm2-gguf-{q}", ExportOptions(quant=q),
-                            progress=False).out for q in ("fp32", "int8", "int4")}
-
-
 def test_gguf_fp32_greedy_equals_transformers(gguf_bundles, smollm2_gguf_path):
     import torch
     from transformers import AutoModelForCausalLM
