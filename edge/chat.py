@@ -30,6 +30,9 @@ def _content(m: dict) -> str:
         return (c or "") + "".join(json.dumps({"name": t["function"]["name"],
                                                "arguments": _arguments(t["function"].get("arguments"))})
                                    for t in calls)
+    if c is None and m.get("role") != "assistant":       # an assistant's may be null (it called a tool)
+        raise ConfigError(f"a {m.get('role')} message has no 'content': messages must be "
+                          "{'role': ..., 'content': ...} dicts")
     if c is None:
         c = ""
     if not isinstance(c, str):

@@ -116,9 +116,8 @@ class Decoder:
         self.context_length = context_length
         self.vocab_size = bundle.manifest.model.vocab_size
         self.session = open_session(bundle.path(g.file), session_options(threads))
-        for f in bundle.manifest.files:     # pages read while prepacking weights are never read again
-            if f.path.endswith((".data", ".bin")):
-                release_file_pages(bundle.path(f.path))
+        self._data_files = [bundle.path(f.path) for f in bundle.manifest.files if f.path.endswith((".data", ".bin"))]
+        self.release_pages()                # pages read while prepacking weights are never read again
         self.kv = KVCache(g.cache, context_length)
         self._all = range(len(g.cache))
         self._appends = self.kv.appends(self._all)
@@ -146,6 +145,13 @@ class Decoder:
     def reset(self) -> None:
         """Forget the cached tokens (the buffers are overwritten, not cleared)."""
         self.rewind(0)
+
+    def release_pages(self) -> None:
+        """Drop the bundle's file pages from this process's RSS: the embedding rows that gathers
+        mapped in stay resident otherwise, a few MB more with every new token seen (they fault
+        back from the page cache when read again)."""
+        for path in self._data_files:
+            release_file_pages(path)
 
     def rewind(self, position: int) -> None:
         """Keep the first `position` cached tokens and forget the rest (the prompt cache)."""

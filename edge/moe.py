@@ -368,11 +368,14 @@ class MoEDecoder:
         self.position = position
         self.writes += 1
         if self.plan is not None:
-            # embedding rows each generation gathered stay mapped and count against the budget:
-            # drop them (they fault back from the page cache if read again). ~1 ms.
-            for path in self._data_files:
-                release_file_pages(path)
+            # embedding rows each generation gathered stay mapped and count against the budget
+            self.release_pages()
             trim_heap()                        # and the heap pages evicted sessions left free
+
+    def release_pages(self) -> None:
+        """Drop the bundle's file pages from RSS (they fault back from the page cache if read again). ~1 ms."""
+        for path in self._data_files:
+            release_file_pages(path)
 
     def room(self) -> int:
         return self.context_length - self.position

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, ContextError, EdgeError
+from .memory import return_freed_memory
 from .model import Model
 from .structured import Grammar
 
@@ -47,8 +48,18 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    left_at: float = 0.0                         # when its client went away (time.monotonic)
+    pieces_after_leaving: int = 0                # text pieces decoded after that (0 or 1: the step in flight)
+
+    def leave(self) -> None:
+        """The client is gone: the generation stops before its next token."""
+        if not self.cancel.is_set():
+            self.left_at = time.monotonic()
+            self.cancel.set()
 
     def emit(self, kind: str, value=None) -> None:
+        if self.left_at and kind == "piece":
+            self.pieces_after_leaving += 1
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
@@ -63,6 +74,8 @@ class Workers:
         self.running = 0             # generations in progress
         self.served = 0              # generations finished (or cancelled)
         self.cancelled = 0           # of those, ended because their client left
+        self.cancel_ms: list[float] = []   # the last 1000 cancellations: client gone -> generation ended
+        self.pieces_after_leaving = 0      # the most text pieces any cancelled generation decoded after its client left
         for t in self.threads:
             t.start()
 
@@ -94,9 +107,13 @@ class Workers:
             except Exception as e:  # a bug: report it to the client, keep serving
                 job.emit("error", ApiError(500, f"{type(e).__name__}: {e}", kind="server_error"))
             finally:
+                model.release_memory()           # a few ms: pages the request touched go back, so RSS stays flat
                 self.running -= 1
                 self.served += 1
-                self.cancelled += job.cancel.is_set()
+                if job.left_at:
+                    self.cancelled += 1
+                    self.cancel_ms = self.cancel_ms[-999:] + [(time.monotonic() - job.left_at) * 1000]
+                    self.pieces_after_leaving = max(self.pieces_after_leaving, job.pieces_after_leaving)
 
     def close(self) -> None:
         for _ in self.threads:
@@ -178,6 +195,7 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    return_freed_memory()                        # large buffers (a prompt's activations) are unmapped when freed
     workers = Workers(models, queue_size=queue_size)
     context = models[0].context_length
     limit = max_tokens_limit or context
@@ -210,7 +228,9 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": name, "waiting": workers.jobs.qsize(), "running": workers.running,
-                             "served": workers.served, "cancelled": workers.cancelled})
+                             "served": workers.served, "cancelled": workers.cancelled,
+                             "cancel_ms_max": round(max(workers.cancel_ms, default=0.0), 1),
+                             "pieces_after_leaving_max": workers.pieces_after_leaving})
 
     async def list_models(request: Request):
         try:
@@ -336,7 +356,7 @@ async def _wait(job: Job, request):
             kind, value = await asyncio.wait_for(job.events.get(), timeout=0.25)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                job.cancel.set()
+                job.leave()
             continue
         if kind == "done":
             return value
@@ -346,6 +366,7 @@ async def _wait(job: Job, request):
 
 async def _events(job: Job):
     """(kind, value) from the worker until the job ends; cancels it when the consumer goes away."""
+    kind = None
     try:
         while True:
             kind, value = await job.events.get()
@@ -353,7 +374,8 @@ async def _events(job: Job):
             if kind in ("done", "error"):
                 return
     finally:
-        job.cancel.set()                # the client disconnected (or the stream ended): stop at the next token
+        if kind not in ("done", "error"):
+            job.leave()                 # the client disconnected: stop at the next token
 
 
 def _sse(obj) -> str:

@@ -245,6 +245,7 @@ def test_a_disconnect_cancels_and_a_full_queue_is_503(smollm2):
             break
         time.sleep(0.05)
     assert h["running"] == 0 and h["cancelled"] >= before["cancelled"] + 2, h
+    assert h["pieces_after_leaving_max"] <= 1, h                         # at most the step in flight
     assert started < 5.0                                                 # not after the first's 600 tokens
 
 
