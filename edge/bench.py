@@ -40,6 +40,7 @@ class BenchResult:
     decode_tok_s: float      # median
     peak_rss_mb: float
     experts: dict | None = None    # MoE: capacity, total, policy, hit_rate, mb_read_per_token, stall_ms_per_token
+    speculation: dict | None = None    # draft / prompt lookup: guesses drafted, acceptance, tokens per forward
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +54,12 @@ def prompt_ids(model: Model, n: int) -> list[int]:
 
 
 def run_once(model: Model, ids: list[int], gen: int) -> tuple[float, float]:
-    """(seconds to first token, seconds for the gen-1 one-token steps after it); greedy, EOS ignored."""
+    """(seconds to first token, seconds for the gen-1 one-token steps after it); greedy, EOS ignored
+    (with speculative decoding the generation's own loop runs, to EOS: seconds per token x (gen-1))."""
+    if model.speculation is not None:
+        model.generate_ids(ids, max_new_tokens=gen, temperature=0.0)
+        s = model.last_stats
+        return s.prefill_s, s.decode_s / max(1, s.decode_steps + s.accepted) * (gen - 1)
     d = model.decoder
     d.reset()
     t0 = time.perf_counter()
@@ -68,10 +74,12 @@ def run_once(model: Model, ids: list[int], gen: int) -> tuple[float, float]:
 
 def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 128,
           repeat: int = 3, memory_budget=None, expert_policy: str = "lfu", prefetch: bool | None = None,
-          expert_store=None, expert_slots: bool = True) -> BenchResult:
+          expert_store=None, expert_slots: bool = True, draft=None, draft_tokens: int = 4,
+          prompt_lookup: int | None = None) -> BenchResult:
     t0 = time.perf_counter()
     model = load(path, threads=threads, context_length=prompt_tokens + gen_tokens, memory_budget=memory_budget,
-                 expert_policy=expert_policy, prefetch=prefetch, expert_store=expert_store, expert_slots=expert_slots)
+                 expert_policy=expert_policy, prefetch=prefetch, expert_store=expert_store, expert_slots=expert_slots,
+                 draft=draft, draft_tokens=draft_tokens, prompt_lookup=prompt_lookup)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(model, prompt_tokens)
     run_once(model, ids, min(gen_tokens, 8))           # warm-up
@@ -81,7 +89,16 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
     pf = cache.prefetcher if cache else None
     g = pf.stats if pf else guesser.stats if guesser else None           # one object when both exist
     g0 = dataclasses.replace(g) if g else None
-    runs = [run_once(model, ids, gen_tokens) for _ in range(repeat)]
+    drafted = accepted = forwards = 0
+    runs = []
+    for _ in range(repeat):
+        runs.append(run_once(model, ids, gen_tokens))
+        st = model.last_stats
+        drafted, accepted, forwards = drafted + st.drafted, accepted + st.accepted, forwards + st.decode_steps
+    speculation = dict(kind="draft model" if draft is not None else "prompt lookup", drafted=drafted,
+                       acceptance=accepted / drafted if drafted else 0.0,
+                       tokens_per_forward=(forwards + accepted) / forwards if forwards else 0.0) \
+        if model.speculation is not None else None
     experts = None
     if cache:
         s, n = cache.stats, repeat * gen_tokens
@@ -112,7 +129,7 @@ def bench(path: str, *, threads: int | None = None, prompt_tokens: int = 128, ge
     return BenchResult(bundle=str(path), quant=model.manifest.quant, threads=model.threads, prompt_tokens=prompt_tokens,
                        gen_tokens=gen_tokens, load_s=load_s, ttft_s=ttft, prompt_tok_s=prompt_tokens / ttft,
                        decode_tok_s=(gen_tokens - 1) / dec if gen_tokens > 1 else 0.0, peak_rss_mb=peak_rss_mb(),
-                       experts=experts)
+                       experts=experts, speculation=speculation)
 
 
 def sweep(path: str, budgets: list[str], *, threads: int | None, prompt_tokens: int, gen_tokens: int,

@@ -43,6 +43,11 @@ _STORE = typer.Option(None, "--store", help="MoE models: folder of the packed ex
                       "or ~/.cache/edge/packed/... when the bundle is read-only); see `edge prepare`.")
 _SLOTS = typer.Option(True, "--expert-slots/--no-expert-slots", help="MoE models under a budget: expert slots (a "
                       "miss is one read; default) or a session built per miss (the slower path, for comparison).")
+_DRAFT = typer.Option(None, "--draft", help="Speculative decoding: a smaller bundle with the same tokenizer "
+                      "guesses tokens that the model checks several at a time.")
+_DRAFT_TOKENS = typer.Option(4, "--draft-tokens", help="Speculative decoding: most tokens guessed at once.")
+_LOOKUP = typer.Option(None, "--prompt-lookup", help="Speculative decoding from the text itself: guess what followed "
+                       "the last N tokens earlier in the prompt or output (e.g. 3; good for JSON and code edits).")
 _DEVICE = typer.Option(None, "--device", help="Plan threads, context and memory budget for a device profile "
                        "(see `edge devices list`), or 'host'.")
 _EMULATE = typer.Option(None, "--emulate", help="Run inside cgroups shaped like this device (RAM, storage "
@@ -122,6 +127,7 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
         threads: Optional[int] = _THREADS, context: Optional[int] = _CTX, memory_budget: Optional[str] = _BUDGET,
         expert_policy: str = _POLICY, store: Optional[str] = _STORE, expert_slots: bool = _SLOTS,
         device: Optional[str] = _DEVICE, emulate: Optional[str] = _EMULATE,
+        draft: Optional[str] = _DRAFT, draft_tokens: int = _DRAFT_TOKENS, prompt_lookup: Optional[int] = _LOOKUP,
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
         stats: bool = typer.Option(False, "--stats", help="Print speed after the text.")):
     """Generate from a prompt, streaming to the terminal."""
@@ -132,7 +138,8 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
         threads, context, memory_budget = apply_device(bundle, device, threads=threads, context=context,
                                                        memory_budget=memory_budget)
     model = load(bundle, threads=threads, context_length=context, memory_budget=_process(memory_budget),
-                 expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots)
+                 expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots, draft=draft,
+                 draft_tokens=draft_tokens, prompt_lookup=prompt_lookup)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
     pieces = model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if chat else model.stream(prompt, **kw)
     for piece in pieces:
@@ -141,8 +148,10 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
     sys.stdout.write("\n")
     if stats:
         s = model.last_stats
+        guesses = (f", {s.accepted}/{s.drafted} guesses kept, {s.tokens_per_forward:.2f} tokens a forward"
+                   if s.drafted else "")
         print(f"[{s.prompt_tokens} prompt tokens at {s.prompt_tok_s:.1f} tok/s, {s.generated_tokens} generated at "
-              f"{s.decode_tok_s:.1f} tok/s, finish: {s.finish_reason}]", file=sys.stderr)
+              f"{s.decode_tok_s:.1f} tok/s{guesses}, finish: {s.finish_reason}]", file=sys.stderr)
 
 
 @app.command()
@@ -151,12 +160,14 @@ def chat(bundle: str, system: Optional[str] = typer.Option(None, help="System pr
          top_p: Optional[float] = _TOPP, min_p: Optional[float] = _MINP, repetition_penalty: Optional[float] = _REP,
          seed: Optional[int] = _SEED, threads: Optional[int] = _THREADS, context: Optional[int] = _CTX,
          memory_budget: Optional[str] = _BUDGET, expert_policy: str = _POLICY, store: Optional[str] = _STORE,
-         expert_slots: bool = _SLOTS):
+         expert_slots: bool = _SLOTS, draft: Optional[str] = _DRAFT, draft_tokens: int = _DRAFT_TOKENS,
+         prompt_lookup: Optional[int] = _LOOKUP):
     """Interactive chat. Empty line or Ctrl-D ends; /reset forgets the conversation. When the
     conversation outgrows the context, the oldest turns are dropped (the system prompt is kept)."""
     from .model import load
     model = load(bundle, threads=threads, context_length=context, memory_budget=_process(memory_budget),
-                 expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots)
+                 expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots, draft=draft,
+                 draft_tokens=draft_tokens, prompt_lookup=prompt_lookup)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, None)
     history = [{"role": "system", "content": system}] if system else []
     print(f"chatting with {bundle} (context {model.context_length} tokens); /reset forgets the conversation, "
@@ -204,7 +215,8 @@ def serve(bundle: str, host: str = typer.Option("127.0.0.1", help="Address to li
           queue_size: int = typer.Option(8, "--queue", help="Requests that may wait; more get 503 with Retry-After."),
           threads: Optional[int] = _THREADS, context: Optional[int] = _CTX, memory_budget: Optional[str] = _BUDGET,
           expert_policy: str = _POLICY, store: Optional[str] = _STORE, expert_slots: bool = _SLOTS,
-          device: Optional[str] = _DEVICE):
+          device: Optional[str] = _DEVICE, draft: Optional[str] = _DRAFT, draft_tokens: int = _DRAFT_TOKENS,
+          prompt_lookup: Optional[int] = _LOOKUP):
     """Serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /health): streaming, JSON-schema output, tool calls. Needs pip install "edge[serve]"."""
     from pathlib import Path
@@ -223,7 +235,8 @@ def serve(bundle: str, host: str = typer.Option("127.0.0.1", help="Address to li
         threads, context, memory_budget = apply_device(bundle, device, threads=threads, context=context,
                                                        memory_budget=memory_budget)
     models = [load(bundle, threads=threads, context_length=context, memory_budget=_process(memory_budget),
-                   expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots) for _ in range(parallel)]
+                   expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots, draft=draft,
+                   draft_tokens=draft_tokens, prompt_lookup=prompt_lookup) for _ in range(parallel)]
     name = name or Path(bundle).resolve().name
     print(f"serving {name} on http://{host}:{port}/v1 ({parallel} instance(s), context {models[0].context_length})",
           file=sys.stderr)
@@ -243,6 +256,7 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
           sweep: Optional[str] = typer.Option(None, "--sweep", help="MoE: comma-separated budgets to run in turn, "
                                               "e.g. 350MB,450MB,700MB (each in a fresh process)."),
           plot: str = typer.Option("sweep.png", "--plot", help="With --sweep: PNG of tok/s and hit rate vs budget."),
+          draft: Optional[str] = _DRAFT, draft_tokens: int = _DRAFT_TOKENS, prompt_lookup: Optional[int] = _LOOKUP,
           as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Measure load time, time to first token, prompt and decode speed, peak RSS (and, for MoE
     models, the expert cache: hit rate, bytes read per token, time stalled on misses)."""
@@ -278,7 +292,8 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
         return
     r = run_bench(bundle, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
                   memory_budget=_process(memory_budget), expert_policy=expert_policy, prefetch=prefetch,
-                  expert_store=store, expert_slots=expert_slots)
+                  expert_store=store, expert_slots=expert_slots, draft=draft, draft_tokens=draft_tokens,
+                  prompt_lookup=prompt_lookup)
     if as_json:
         print(json.dumps(r.as_dict()))
         return
@@ -286,6 +301,10 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
             ("time to first token", f"{r.ttft_s * 1000:.1f} ms ({r.prompt_tokens}-token prompt)"),
             ("prompt", f"{r.prompt_tok_s:.1f} tok/s"), ("decode", f"{r.decode_tok_s:.1f} tok/s ({r.gen_tokens} tokens)"),
             ("peak RSS", f"{r.peak_rss_mb:.0f} MB")]
+    if r.speculation:
+        sp = r.speculation
+        rows.append(("speculative decoding", f"{sp['kind']}: {sp['acceptance']:.0%} of {sp['drafted']} guesses kept, "
+                                             f"{sp['tokens_per_forward']:.2f} tokens a forward"))
     if r.experts:
         e = r.experts
         rows += [("expert cache", f"{e['capacity']} of {e['total']} experts resident, policy {e['policy']}"),

@@ -35,6 +35,8 @@ class GenerationStats:
     finish_reason: str = ""         # "eos", "stop", "length", "context", "cancelled"
     cached_tokens: int = 0          # prompt tokens whose KV cache an earlier generation left (not run again)
     dropped_messages: int = 0       # chat: oldest messages left out so that the conversation fits
+    drafted: int = 0                # speculative decoding: tokens guessed ...
+    accepted: int = 0               # ... and kept
 
     @property
     def prompt_tok_s(self) -> float:
@@ -42,7 +44,12 @@ class GenerationStats:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+        """Tokens the decode forwards produced, per second (a forward keeps its kept guesses too)."""
+        return (self.decode_steps + self.accepted) / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return (self.decode_steps + self.accepted) / self.decode_steps if self.decode_steps else 0.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,7 @@ class Model:
         self.last_stats = GenerationStats()
         self.prompt_cache = PromptCache(self.decoder.prefill_chunk or PREFILL_CHUNK)
         self._grammar_tokenizer = None
+        self.speculation = None         # (guesser, Adaptive) from load(draft=/prompt_lookup=)
         self._lock = threading.Lock()
 
     @property
@@ -281,6 +289,12 @@ class Model:
         self.prompt_cache.keep(ids)
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0
+        if self.speculation is not None and constraint is None and params.repetition_penalty == 1.0:
+            from .speculative import speculative_tokens
+            guesser, k = self.speculation
+            yield from speculative_tokens(self.decoder, guesser, k, logits, list(ids), sampler=sample, params=params,
+                                          stats=stats, eos=self.eos, cancel=cancel, clock=t1)
+            return
         for n in range(params.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 stats.finish_reason = "cancelled"
@@ -310,6 +324,16 @@ class Model:
             stats.decode_steps += 1
             stats.decode_s = time.perf_counter() - t1   # wall time of every step after the prompt
 
+    def release_memory(self) -> None:
+        """Give back what generations leave resident: the bundle file pages that gathers touched
+        (embedding rows) and free heap pages. A few ms; the server calls it after each request, so
+        a long-running process stays flat."""
+        with self._lock:
+            release = getattr(self.decoder, "release_pages", None)
+            if release is not None:
+                release()
+            trim_heap()
+
     # -- scoring (perplexity, tests) -------------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] of a fresh sequence (prefill with every position's logits)."""
@@ -333,7 +357,8 @@ class Model:
 
 def load(path, *, threads: int | None = None, context_length: int | None = None,
          memory_budget=None, expert_capacity: int | None = None, expert_policy: str = "lfu",
-         prefetch: bool | None = None, expert_slots: bool = True, expert_store=None, progress=True) -> Model:
+         prefetch: bool | None = None, expert_slots: bool = True, expert_store=None, progress=True,
+         draft=None, draft_tokens: int = 4, prompt_lookup: int | None = None) -> Model:
     """Open a bundle made by `edge export`.
 
     threads: CPU threads for onnxruntime (default: the cores this process may use). onnxruntime's
@@ -364,6 +389,12 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
         writable, else ~/.cache/edge/packed/<bundle id>); `edge prepare` makes it ahead of time.
     progress: show progress on stderr while the packed store is made (True), not at all (False), or
         call progress(done, total).
+    draft: speculative decoding with a smaller model that shares the tokenizer (a bundle path or a
+        loaded Model): it guesses up to `draft_tokens` tokens, the model checks them in one forward.
+    prompt_lookup: speculative decoding whose guesses are what followed the last n tokens (n up to
+        this, e.g. 3) earlier in the prompt or output: repeated JSON, code being edited. Up to
+        `draft_tokens` guesses (a good setting here: 8). Neither applies with json_schema, tools
+        or a repetition penalty (those decode token by token).
     """
     baseline = status().get("VmRSS", 0)
     bundle = open_bundle(path)
@@ -377,10 +408,20 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
         raise ConfigError(f"unknown expert policy {expert_policy!r}; choose one of {', '.join(POLICIES)}")
     if memory_budget is not None and bundle.manifest.moe is None:
         raise ConfigError("memory_budget applies to Mixture-of-Experts bundles; a dense model is loaded whole")
+    if draft is not None and prompt_lookup is not None:
+        raise ConfigError("choose one of draft= and prompt_lookup=")
     show = progress if callable(progress) else stderr_bar("packing experts for this machine") if progress else quiet
-    return Model(bundle, threads=threads or default_threads(), context_length=ctx, expert_capacity=expert_capacity,
-                 memory_budget=memory_budget, baseline=baseline, expert_policy=expert_policy, prefetch=prefetch,
-                 expert_slots=expert_slots, expert_store=expert_store, progress=show)
+    model = Model(bundle, threads=threads or default_threads(), context_length=ctx, expert_capacity=expert_capacity,
+                  memory_budget=memory_budget, baseline=baseline, expert_policy=expert_policy, prefetch=prefetch,
+                  expert_slots=expert_slots, expert_store=expert_store, progress=show)
+    from .speculative import Adaptive, DraftModel, PromptLookup
+    if prompt_lookup is not None:
+        model.speculation = (PromptLookup(prompt_lookup, draft_tokens), Adaptive(draft_tokens))
+    elif draft is not None:
+        if not isinstance(draft, Model):
+            draft = load(draft, threads=threads, context_length=ctx, progress=False)
+        model.speculation = (DraftModel(draft, model.text, max_tokens=draft_tokens), Adaptive(draft_tokens))
+    return model
 
 
 def prepare(path, *, expert_store=None, force: bool = False, progress=True):

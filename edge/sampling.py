@@ -60,6 +60,14 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: np.ndarray | None = None) -> int:
         """Pick the next token from logits [vocab]; `history` holds the ids seen so far."""
+        idx, probs = self.distribution(logits, history)
+        if probs is None:
+            return int(idx)
+        return int(idx[self.rng.choice(probs.size, p=probs)])
+
+    def distribution(self, logits: np.ndarray, history: np.ndarray | None = None):
+        """What __call__ samples from: (token ids, their probabilities), or (the argmax, None) when
+        greedy. Speculative decoding weighs a guess by it."""
         p = self.p
         if p.repetition_penalty != 1.0 and history is not None and len(history):
             logits = logits.copy()
@@ -67,7 +75,7 @@ class Sampler:
             vals = logits[seen]
             logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
-            return int(np.argmax(logits))
+            return int(np.argmax(logits)), None
         x = logits.astype(np.float64) / p.temperature
         idx = np.arange(x.size)
         if 0 < p.top_k < x.size:
@@ -84,5 +92,4 @@ class Sampler:
             n = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1   # smallest set reaching top_p
             order = order[:n]
             idx, probs = idx[order], probs[order]
-        probs = probs / probs.sum()
-        return int(idx[self.rng.choice(probs.size, p=probs)])
+        return idx, probs / probs.sum()
