@@ -12,13 +12,23 @@ import typer
 from .cli_devices import apply_device, devices_app, plan_command, print_table, run_emulated
 from .errors import EdgeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Run open-weight LLMs on constrained devices.")
 _state = {"debug": False}
 
 
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+        import onnxruntime
+        print(f"edge {version('edge')} (onnxruntime {onnxruntime.__version__})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
     _state["debug"] = debug
 
 
@@ -34,7 +44,7 @@ _TOPP = typer.Option(None, "--top-p")
 _MINP = typer.Option(None, "--min-p")
 _REP = typer.Option(None, "--repetition-penalty")
 _SEED = typer.Option(None, help="Seed for sampling.")
-_STOP = typer.Option(None, "--stop", help="Stop string (repeatable).")
+_STOP = typer.Option(None, "--stop", metavar="TEXT", help="Stop string (repeatable).")
 _THREADS = typer.Option(None, help="CPU threads (default: all available cores).")
 _CTX = typer.Option(None, "--context", help="Context window in tokens (default: min(model max, 4096)).")
 _BUDGET = typer.Option(None, "--memory-budget", help="MoE models: most memory the whole process may use, e.g. 300MB.")
@@ -94,6 +104,14 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
         quant, why = device_defaults(open_source(src).config, resolve_device(device))
         print(f"[{why}]", file=sys.stderr)
     quant, block_size = quant or "int4", block_size or 0
+    if src.endswith(".gguf") and quant == "int4":
+        from export.sources import open_source
+        kinds = [t for t in open_source(src).types if t.startswith(("Q", "IQ"))]
+        if kinds:
+            print(f"note: this GGUF's weights are already quantized ({', '.join(kinds)}); quantizing them again to "
+                  "int4 adds a second rounding (SmolLM2's Q4_1 GGUF: int4 loses much more than int4 of the original "
+                  "weights). --quant int8 keeps them nearly as they are, or export the original Hugging Face "
+                  "checkpoint.", file=sys.stderr)
     opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, method=method,
                          embed_quant=embed_quant, lm_head_quant=lm_head_quant, quant_policy=quant_policy,
                          max_context=max_context, calib=calib, calib_tokens=calib_tokens)
@@ -130,8 +148,10 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
         draft: Optional[str] = _DRAFT, draft_tokens: int = _DRAFT_TOKENS, prompt_lookup: Optional[int] = _LOOKUP,
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
         stats: bool = typer.Option(False, "--stats", help="Print speed after the text.")):
-    """Generate from a prompt, streaming to the terminal."""
+    """Generate from a prompt, streaming to the terminal ("-" reads the prompt from stdin)."""
     from .model import load
+    if prompt == "-":
+        prompt = sys.stdin.read()
     if emulate:
         raise typer.Exit(run_emulated(emulate, bundle, _state["argv"], as_json=False))
     if device:
@@ -477,10 +497,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (typer.Exit, SystemExit) as e:
         return getattr(e, "exit_code", getattr(e, "code", 0)) or 0
+    except OSError as e:                            # a file that is missing or unreadable: one line
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # anything unexpected: one line, the traceback with --debug
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
+            e.show()            # a usage error (click's, or the click typer bundles): the usage line, a hint, exit 2
+            return e.exit_code
         if _state["debug"]:
             traceback.print_exc()
         print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)

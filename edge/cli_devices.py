@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-devices_app = typer.Typer(no_args_is_help=True, help="Device profiles: list, show, detect this host.")
+devices_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Device profiles: list, show, detect this host.")
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

@@ -8,6 +8,7 @@ and frees the model for the next caller.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -400,6 +401,9 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
     bundle = open_bundle(path)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, not {threads!r}")
+    if threads is not None and threads > default_threads():
+        logging.getLogger("edge").warning(f"threads={threads} is more than the {default_threads()} cores this process "
+                                          "may use: the extra threads only wait for each other")
     ctx = context_length or min(bundle.manifest.model.max_context, 4096)
     if expert_capacity is not None and bundle.manifest.moe is not None and expert_capacity < bundle.manifest.moe.top_k:
         raise ConfigError(f"expert_capacity must hold at least one token's experts ({bundle.manifest.moe.top_k})")

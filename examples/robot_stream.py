@@ -7,6 +7,8 @@ import sys
 
 import edge
 
+if len(sys.argv) != 2:
+    sys.exit("usage: python examples/robot_stream.py BUNDLE   (make one with examples/quickstart.sh)")
 model = edge.load(sys.argv[1], threads=2, context_length=1024)
 messages = [{"role": "system", "content": "You are the voice of a warehouse robot. Be brief."},
             {"role": "user", "content": "A box fell off the conveyor. What do you do?"}]

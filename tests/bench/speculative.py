@@ -59,8 +59,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--write-prompts", help="Write the rendered prompts (JSON) for speculative_llama.py and stop.")
     a = ap.parse_args()
     import edge
+    if a.write_prompts:
+        m = edge.load(a.target, threads=1, context_length=2048, progress=False)
+        Path(a.write_prompts).write_text(json.dumps({k: m.text.render_chat(v) for k, v in prompts().items()}))
+        return
     common = dict(threads=a.threads, context_length=2048, progress=False)
     budget = a.memory_budget                      # the model's own memory, as edge.load takes it (each model alike)
     plain = edge.load(a.target, memory_budget=budget, **common)
