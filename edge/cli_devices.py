@@ -89,7 +89,9 @@ def plan_command(bundle: str = typer.Argument(..., help="An exported bundle."),
     if p.experts_total:
         rows.append(("expert cache", f"{p.experts_cached} of {p.experts_total} experts "
                                      f"({p.experts_cached * p.per_expert_mb:.0f} MB, {p.per_expert_mb:.1f} MB each)"))
-    rows += [("everything resident", f"{p.need_all_mb:.0f} MB"), ("memory budget", p.memory_budget),
+    budget_row = ("memory budget", p.memory_budget) if p.experts_total else \
+        ("memory needed", f"{p.need_all_mb:.0f} MB (a dense model loads whole: no --memory-budget)")
+    rows += [("everything resident", f"{p.need_all_mb:.0f} MB"), budget_row,
              ("threads", str(p.threads)),
              ("decode (estimate)", f"{p.decode_tok_s[0]:g}-{p.decode_tok_s[1]:g} tok/s" if p.decode_tok_s else "-")]
     rows += [("note", n) for n in p.notes]
@@ -103,8 +105,22 @@ def resolve_device(name: str):
 
 
 def device_plan(manifest, name: str, context: int | None):
+    """The plan at `context`, or when None at the longest context (4096 down to 256) that fits."""
+    from .errors import BudgetError
     from .plan import plan
-    return plan(manifest, resolve_device(name), context=context)
+    device = resolve_device(name)
+    if context is not None:
+        return plan(manifest, device, context=context)
+    for ctx in (4096, 2048, 1024, 512, 256):
+        try:
+            p = plan(manifest, device, context=ctx)
+        except BudgetError:
+            if ctx == 256:
+                raise
+            continue
+        if p.context < min(4096, manifest.model.max_context):
+            print(f"[context {p.context}: the longest that fits {name}]", file=sys.stderr)
+        return p
 
 
 def apply_device(bundle: str, name: str, *, threads, context, memory_budget) -> tuple:

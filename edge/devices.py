@@ -296,4 +296,22 @@ def detect(folder: str | os.PathLike | None = ".", size_mb: int = 64) -> Device:
                   ram_mb=ram_mb, headroom_mb=max(0, min(in_use_mb, ram_mb)), cores=cores, clusters=clusters,
                   features=tuple(f for f in FEATURES.get(arch, ()) if f in features),
                   storage=storage, storage_kind=kind, storage_read_mb_s=speed,
-                  providers=tuple(onnxruntime.get_available_providers()), decode_speed_estimate=None, source="detected")
+                  providers=tuple(onnxruntime.get_available_providers()),
+                  decode_speed_estimate=round(memory_read_gb_s() / REFERENCE_MEMORY_GB_S, 2), source="detected")
+
+
+REFERENCE_MEMORY_GB_S = 25.0     # memory_read_gb_s() on the reference x86 host the planner's speeds come from
+
+
+def memory_read_gb_s(mb: int = 64) -> float:
+    """How fast one thread streams memory (best of 4 sums over a 64 MB array, ~0.1 s): a decode step
+    reads every weight once, so its speed follows this."""
+    import time
+    import numpy as np
+    a = np.ones(mb << 18, np.float32)
+    best = float("inf")
+    for _ in range(4):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9

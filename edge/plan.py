@@ -26,9 +26,16 @@ from .moe import HEADROOM, SLOT_MARGIN  # as the runtime planner reserves
 
 RUNTIME_MB = 56              # python + onnxruntime + numpy + tokenizers, imported (VmRSS)
 DENSE_FACTOR = 1.1           # resident bytes per byte of dense (stage) weights after prepacking
+# a dense bundle's peak RSS per byte of its weight file, by quantization (SmolLM2 at context 256,
+# measured with `edge bench`: fp32 721 MB for 623 MB of weights, int8 361 for 147, int4 254 for 88;
+# MatMulNBits' packed copies carry fp32 scales and block sums)
+DENSE_RESIDENT = {"fp32": 1.05, "int8": 1.6, "int4": 1.5}
 TOKENIZER_FACTOR = 4.0       # the tokenizers library's memory per byte of tokenizer.json
-REF_GB_S = 21.0              # reference host: weight bytes streamed per second of decode (SmolMoE int4:
-                             # 165 MB of active weights per token at ~130 tok/s)
+# reference host (2 threads): weight bytes a decode streams per second. Quantized kernels
+# (MatMulNBits) dequantize as they go; fp32 MatMul streams faster. Measured with `edge bench`:
+# SmolLM2 int8 147 MB a token at 150 tok/s, int4 88 MB at 230, SmolMoE int4 fused 140 MB active at
+# 155 (21-22 GB/s); SmolLM2 fp32 515 MB at 68.6 (37 GB/s)
+REF_GB_S = {"fp32": 37.0, "quantized": 21.0}
 MiB = 2 ** 20
 
 
@@ -76,8 +83,10 @@ def plan(m: Manifest, device: Device, *, context: int | None = None) -> Plan:
         skip = {m.tokenizer.file, m.tokenizer.chat_template} | ({moe.expert_file} if moe else set())
         weights = sum(s for p, s in sizes.items() if p not in skip)
     tok = sizes.get(m.tokenizer.file, 0)
-    # prepacked weights + the file pages of the same weights that prompts read again (edge/moe.py)
-    dense = RUNTIME_MB * MiB + (DENSE_FACTOR + 1.0) * weights + TOKENIZER_FACTOR * tok
+    if moe is not None:           # prepacked weights + the file pages of the same weights prompts read again
+        dense = RUNTIME_MB * MiB + (DENSE_FACTOR + 1.0) * weights + TOKENIZER_FACTOR * tok
+    else:                         # a dense decoder drops its file pages after load (edge/engine.py)
+        dense = RUNTIME_MB * MiB + DENSE_RESIDENT.get(m.quant, 1.6) * weights + TOKENIZER_FACTOR * tok
     blob = max((x.size for x in moe.experts), default=0) if moe else 0
     per_expert = SLOT_MARGIN * packed_factor(m) * blob if moe else 0.0        # an expert slot
     n_experts = len(moe.experts) if moe else 0
@@ -112,8 +121,16 @@ def _speed(m: Manifest, device: Device, dense_bytes: float, blob: float, cached:
     if not device.decode_speed_estimate:
         return None
     k = m.moe.top_k * m.model.num_layers if m.moe else 0
+    names = {t.name: t for t in m.tensors}
+    if "lm_head" in names and "embed" in names:      # an embedding that is not also the head is only gathered
+        embed = names["embed"]
+        n = 1
+        for d in embed.shape:
+            n *= d
+        dense_bytes -= n * {"float32": 4, "int8": 1, "int4": 0.5}.get(embed.dtype, 4)
     active = dense_bytes + k * blob
-    compute_s = active / (REF_GB_S * 1e9 * device.decode_speed_estimate)
+    rate = REF_GB_S["fp32" if m.quant == "fp32" else "quantized"]
+    compute_s = active / (rate * 1e9 * device.decode_speed_estimate)
     if not total or cached >= total:
         t = compute_s
         return (round(0.7 / t, 1), round(1.2 / t, 1))
