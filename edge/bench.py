@@ -139,6 +139,11 @@ def sweep(path: str, budgets: list[str], *, threads: int | None, prompt_tokens: 
     import json
     import subprocess
     import sys
+    from .bundle import open_bundle
+    from .errors import ConfigError
+    if open_bundle(path).manifest.moe is None:
+        raise ConfigError("--sweep runs Mixture-of-Experts budgets; a dense model loads whole (use edge bench "
+                          "without --sweep)")
     rows = []
     for b in budgets:
         cmd = [sys.executable, "-m", "edge", "bench", str(path), "--json", "--memory-budget", b,

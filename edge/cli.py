@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import sys
 import traceback
 from typing import List, Optional
@@ -161,6 +162,8 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
                  expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots, draft=draft,
                  draft_tokens=draft_tokens, prompt_lookup=prompt_lookup)
     kw = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+    from .progress import stderr_bar
+    model.on_prefill = stderr_bar("prompt")
     pieces = model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if chat else model.stream(prompt, **kw)
     for piece in pieces:
         sys.stdout.write(piece)
@@ -430,6 +433,9 @@ def eval_(bundle: List[str] = typer.Argument(..., help="Bundle(s); the first is 
     (size, bits per weight, perplexity, delta, top-1 agreement with the first)."""
     from .evaluate import compare as run_compare
     bundles = [bundle[0], *(compare or []), *bundle[1:]]     # `--compare B2 B3`: B3 arrives as a positional
+    for path in (text, tokens):
+        if path is not None and not os.path.isfile(path):     # before any model loads
+            raise EdgeError(f"{path}: no such file")
 
     def show(r):
         if not as_json:

@@ -137,6 +137,7 @@ class Model:
         self.prompt_cache = PromptCache(self.decoder.prefill_chunk or PREFILL_CHUNK)
         self._grammar_tokenizer = None
         self.speculation = None         # (guesser, Adaptive) from load(draft=/prompt_lookup=)
+        self.on_prefill = None          # progress(done, total) for prompts of more than 8 pieces (the CLI sets it)
         self._lock = threading.Lock()
 
     @property
@@ -286,7 +287,14 @@ class Model:
         self.decoder.rewind(reuse)
         stats.cached_tokens = reuse
         t0 = time.perf_counter()
-        logits = self.decoder.forward(ids[reuse:])[-1]
+        todo, piece = ids[reuse:], self.prompt_cache.piece
+        if self.on_prefill is not None and len(todo) > 8 * piece:
+            self.on_prefill(reuse, len(ids))
+            for i in range(0, len(todo), piece):            # the pieces the decoder would cut, one by one
+                logits = self.decoder.forward(todo[i:i + piece])[-1]
+                self.on_prefill(reuse + min(i + piece, len(todo)), len(ids))
+        else:
+            logits = self.decoder.forward(todo)[-1]
         self.prompt_cache.keep(ids)
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0

@@ -214,6 +214,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _progress(total: int, enabled: bool):
+    """A bar on a terminal; piped, a plain line every quarter of the layers, so a log shows progress."""
     from tqdm import tqdm
-    return tqdm(total=total, desc="export", unit="layer", disable=not enabled or not sys.stderr.isatty(),
-                file=sys.stderr)
+    if not enabled or sys.stderr.isatty():
+        return tqdm(total=total, desc="export", unit="layer", disable=not enabled, file=sys.stderr)
+    return _Lines(total)
+
+
+class _Lines:
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done == self.total or self.done % max(1, self.total // 4) == 0:
+            print(f"export: {self.done}/{self.total} layers, {time.perf_counter() - self.t0:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass

@@ -45,7 +45,8 @@ class GGUFFile:
         try:
             self.reader = GGUFReader(str(path))
         except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
-            raise EdgeError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+            raise EdgeError(f"{path} is truncated or not a GGUF file ({path.stat().st_size / 2**20:.1f} MB; the gguf "
+                            f"reader says {type(e).__name__}: {e}); download or copy it again") from None
         self.fields = {k: f for k, f in self.reader.fields.items()}
         arch = self._meta("general.architecture")
         if arch not in _ARCHS:

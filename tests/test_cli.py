@@ -65,3 +65,26 @@ def test_chat_loop_reads_turns_until_an_empty_line(chat_bundle):
     assert r.returncode == 0, r.stderr
     # a prompt for each of the 4 lines; replies end in a newline after "hi" and "again" only
     assert r.stdout.count("> ") == 4 and r.stdout.count("\n") == 2
+
+
+def test_usage_errors_files_stdin_and_version(tiny_bundle, tmp_path):
+    b = tiny_bundle("llama", "int8")
+    r = edge_cli("plan", b)                                           # --device is required
+    assert r.returncode == 2 and "Usage:" in r.stderr and "--device" in r.stderr and "Traceback" not in r.stderr
+    r = edge_cli("eval", b, "--text", tmp_path / "nope.txt")
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr.lower()
+    r = subprocess.run([sys.executable, "-m", "edge", "run", str(b), "-", "-n", "3", "--stats"], input="hello there",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "prompt tokens" in r.stderr and "[1 prompt" not in r.stderr  # the text, not "-"
+    r = edge_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("edge ") and "onnxruntime" in r.stdout
+    r = edge_cli("run", "--help")
+    assert "--chat " in r.stdout and "<bool>" not in r.stdout      # flags render as flags
+    r = edge_cli("bench", b, "--sweep", "300MB,400MB")
+    assert r.returncode == 1 and r.stderr.count("error:") == 1 and "dense model" in r.stderr
+
+
+def test_device_plans_pick_a_context_that_fits(tiny_bundle):
+    b = tiny_bundle("llama", "int8")
+    r = edge_cli("plan", b, "--device", "raspberry-pi-4:1gb")
+    assert r.returncode == 0 and "memory needed" in r.stdout and "memory budget" not in r.stdout
