@@ -213,6 +213,13 @@ def _health(base):
     return httpx.get(base + "/health").json()
 
 
+def _until(base, ok, seconds=20.0):
+    end = time.perf_counter() + seconds
+    while not ok(_health(base)):
+        assert time.perf_counter() < end, _health(base)
+        time.sleep(0.02)
+
+
 def test_a_disconnect_cancels_and_a_full_queue_is_503(smollm2):
     """--queue 1: one generation runs, one waits, the next is refused with Retry-After; a client that
     closes its stream ends its generation at the next token."""
@@ -221,14 +228,12 @@ def test_a_disconnect_cancels_and_a_full_queue_is_503(smollm2):
                 max_tokens=600, temperature=0.7, seed=1)
     before = _health(base)
     first = client.chat.completions.create(stream=True, **long)
-    next(iter(first))                                                    # it runs
+    next(iter(first))
+    _until(base, lambda h: h["running"] == 1)                            # it runs
     with httpx.Client(timeout=30) as h:
         with h.stream("POST", base + "/v1/chat/completions", json={**long, "stream": True}) as second:
             assert second.status_code == 200
-            for _ in range(50):
-                if _health(base)["waiting"] == 1:
-                    break
-                time.sleep(0.02)
+            _until(base, lambda h: h["waiting"] == 1)                    # it waits
             r = h.post(base + "/v1/chat/completions", json=long)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "server_busy"
