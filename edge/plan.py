@@ -27,9 +27,10 @@ from .moe import HEADROOM, SLOT_MARGIN  # as the runtime planner reserves
 RUNTIME_MB = 56              # python + onnxruntime + numpy + tokenizers, imported (VmRSS)
 DENSE_FACTOR = 1.1           # resident bytes per byte of dense (stage) weights after prepacking
 # a dense bundle's peak RSS per byte of its weight file, by quantization (SmolLM2 at context 256,
-# measured with `edge bench`: fp32 721 MB for 623 MB of weights, int8 361 for 147, int4 254 for 88;
+# measured with `edge bench`: fp32 721 MB for 511 MB of weights (the tied head stored once), int8 361
+# for 147, int4 254 for 88;
 # MatMulNBits' packed copies carry fp32 scales and block sums)
-DENSE_RESIDENT = {"fp32": 1.05, "int8": 1.6, "int4": 1.5}
+DENSE_RESIDENT = {"fp32": 1.2, "int8": 1.6, "int4": 1.5}
 TOKENIZER_FACTOR = 4.0       # the tokenizers library's memory per byte of tokenizer.json
 # reference host (2 threads): weight bytes a decode streams per second. Quantized kernels
 # (MatMulNBits) dequantize as they go; fp32 MatMul streams faster. Measured with `edge bench`:

@@ -49,11 +49,12 @@ class QuantPolicy:
 
 @dataclass(frozen=True)
 class Tied:
-    """A quantized embedding's bytes in the data file, reusable as the tied lm_head: the
-    GatherBlockQuantized data [V, H] is byte for byte MatMulNBits' B [V, H / block, block * bits / 8]."""
-    scheme: QuantScheme
-    qweight_offset: int
-    scales_offset: int
+    """An embedding's bytes in the data file, reusable as the tied lm_head: quantized, the
+    GatherBlockQuantized data [V, H] is byte for byte MatMulNBits' B [V, H / block, block * bits / 8];
+    fp32 (scheme None), the head is a MatMul over its transpose, which onnxruntime folds at load."""
+    scheme: QuantScheme | None
+    qweight_offset: int                # (fp32: the embedding's own offset)
+    scales_offset: int                 # (fp32: -1)
     shape: tuple[int, int]             # [V, H]
 
 
@@ -68,7 +69,7 @@ class _Emitter:
         self.calibration = {} if calibration is None else calibration
         self.entries: list[TensorEntry] = []
         self.num_parameters = 0
-        self.tied: Tied | None = None      # set by a quantized embedding stored in the data file
+        self.tied: Tied | None = None      # set by an embedding stored in the data file
 
     def record(self, name: str, w: np.ndarray, scheme: QuantScheme | None, max_rel=0.0, rms_rel=0.0, *,
                calibrated: bool = False) -> None:
@@ -127,7 +128,10 @@ class _Emitter:
 
     def embedding(self, ids: str, w: np.ndarray, name: str, scheme: QuantScheme | None) -> str:
         if scheme is None or w.shape[1] % scheme.block_size:
-            return self.g.op1("Gather", [self.plain(name, w), ids], name=name, axis=0)
+            table = self.plain(name, w)
+            if scheme is None and (at := self.g.offset_of(table)) is not None:
+                self.tied = Tied(None, at, -1, tuple(w.shape))
+            return self.g.op1("Gather", [table, ids], name=name, axis=0)
         q = quantize(w, scheme)
         self.record(name, w, scheme, q.max_rel_err, q.rms_rel_err)
         v = w.shape[0]
@@ -189,13 +193,17 @@ def lm_head(g: Graph, em: _Emitter, arch: DecoderArch, get: Callable[[str], np.n
     positions = g.input("logits_positions", TensorProto.INT64, ["P"])
     x, _ = _skip_rms(g, h, residual, em.plain("final_norm", get(arch.top["final_norm"])), s.norm_eps, "final_norm")
     x = g.op1("Gather", [x, positions], name="logits_positions", axis=1)              # [1, P, H]
-    if s.tie_word_embeddings and tied is not None and tied.scheme == scheme:
+    if s.tie_word_embeddings and tied is not None and scheme is not None and tied.scheme == scheme:
         (v, k), bs = tied.shape, scheme.block_size
         qw = g.shared_weight("lm_head.qweight", np.uint8, (v, k // bs, bs * scheme.bits // 8), tied.qweight_offset)
         stored = np.dtype(em.scale_dtype(scheme))                     # as the embedding wrote them
         sc = em.as_fp32("lm_head", g.shared_weight("lm_head.scales", stored, (v, k // bs), tied.scales_offset), scheme)
         g.op("MatMulNBits", [x, qw, sc], name="lm_head", outputs=["logits"], domain=MS, K=k, N=v,
              bits=scheme.bits, block_size=bs, accuracy_level=4)
+    elif s.tie_word_embeddings and tied is not None and tied.scheme is None and scheme is None:
+        table = g.shared_weight("lm_head.embed", np.float32, tied.shape, tied.qweight_offset)   # [V, H], stored once
+        g.op("MatMul", [x, g.op1("Transpose", [table], name="lm_head/transpose", perm=[1, 0])], name="lm_head",
+             outputs=["logits"])
     else:
         head = get(arch.top.get("lm_head", arch.top["embed"]))
         em.linear(x, head, "lm_head", scheme, out="logits")
