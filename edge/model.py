@@ -298,19 +298,26 @@ class Model:
         self.prompt_cache.keep(ids)
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0
-        if self.speculation is not None and constraint is None and params.repetition_penalty == 1.0:
-            from .speculative import speculative_tokens
-            guesser, k = self.speculation
-            yield from speculative_tokens(self.decoder, guesser, k, logits, list(ids), sampler=sample, params=params,
-                                          stats=stats, eos=self.eos, cancel=cancel, clock=t1)
-            return
+        spec = self.speculation if constraint is None and params.repetition_penalty == 1.0 else None
+        if spec is not None:
+            from .speculative import check_guesses
+            spec[0].start(ids)
+            seq = list(ids)                                 # what the guesser looks at: prompt and output
+            rng = np.random.default_rng(None if params.seed is None else params.seed + 1)
+        kept, forced = [], None                             # guesses the model kept; a refused one's replacement
         for n in range(params.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 stats.finish_reason = "cancelled"
                 return
-            if constraint is not None:
-                constraint.mask(logits)                 # tokens the grammar does not allow next: -inf
-            token = sample(logits, history)
+            in_cache = bool(kept)                       # a kept guess: its cache row and the logits after it are there
+            if in_cache:
+                token = kept.pop(0)
+            elif forced is not None:
+                token, forced = forced, None
+            else:
+                if constraint is not None:
+                    constraint.mask(logits)             # tokens the grammar does not allow next: -inf
+                token = sample(logits, history)
             stats.generated_tokens = n + 1
             if token in self.eos:
                 stats.finish_reason = "eos"
@@ -324,12 +331,23 @@ class Model:
             if n + 1 == params.max_new_tokens:
                 stats.finish_reason = "length"
                 return
+            if spec is not None:
+                seq.append(token)
+            if in_cache:
+                continue
             if self.decoder.room() == 0:
                 stats.finish_reason = "context"
                 return
             if history is not None:
                 history = np.append(history, token)
-            logits = self.decoder.forward([token])[-1]
+            if spec is None:
+                logits = self.decoder.forward([token])[-1]
+            else:                                       # speculative decoding: edge/speculative.py
+                logits, kept, forced, guessed = check_guesses(
+                    self.decoder, *spec, token, seq, sampler=sample, rng=rng,
+                    most=min(params.max_new_tokens - n - 2, self.decoder.room() - 1))
+                stats.drafted += guessed
+                stats.accepted += len(kept)
             stats.decode_steps += 1
             stats.decode_s = time.perf_counter() - t1   # wall time of every step after the prompt
 

@@ -141,62 +141,22 @@ class Adaptive:
         self.k = min(self.most, self.k + 2) if kept == guessed else max(1, self.k - 1)
 
 
-def speculative_tokens(decoder, guesser, k: Adaptive, logits: np.ndarray, seq: list[int], *, sampler, params,
-                       stats, eos, cancel, clock):
-    """The decode loop with guesses: yields tokens as plain decoding would (same stats and finish
-    reasons); `seq` (the prompt) grows with the output. stats.drafted / accepted count the guesses."""
-    import time
-    rng = np.random.default_rng(None if params.seed is None else params.seed + 1)
-    guesser.start(seq)
-    forced = None                                 # a refused guess's replacement, already drawn
-    n = 0
-    while True:
-        if cancel is not None and cancel.is_set():
-            stats.finish_reason = "cancelled"
-            return
-        token = forced if forced is not None else sampler(logits)
-        forced = None
-        n += 1
-        stats.generated_tokens = n
-        if token in eos:
-            stats.finish_reason = "eos"
-            return
-        yield token
-        seq.append(token)
-        if n == params.max_new_tokens:
-            stats.finish_reason = "length"
-            return
-        if decoder.room() == 0:
-            stats.finish_reason = "context"
-            return
-        room = min(k.k, params.max_new_tokens - n - 1, decoder.room() - 1)
-        guesses = guesser.propose(seq, room) if room > 0 else []
-        start = decoder.position
-        out = decoder.forward([token] + guesses, all_logits=bool(guesses))
-        stats.decode_steps += 1
-        stats.drafted += len(guesses)
-        kept = 0
-        for i, g in enumerate(guesses):
-            ok, instead = accept(out[i], g, sampler, rng)
-            if not ok:
-                forced = instead if sampler.p.temperature > 0 else None
-                break
-            kept += 1
-            n += 1
-            stats.generated_tokens = n
-            if g in eos:
-                stats.accepted += kept
-                stats.finish_reason = "eos"
-                return
-            yield g
-            seq.append(g)
-            if n == params.max_new_tokens:
-                stats.accepted += kept
-                stats.finish_reason = "length"
-                return
-        stats.accepted += kept
-        k.update(kept, len(guesses))
-        if kept < len(guesses):
-            decoder.rewind(start + 1 + kept)      # drop the refused guesses' cache rows
-        logits = out[kept] if guesses else out[-1]
-        stats.decode_s = time.perf_counter() - clock
+def check_guesses(decoder, guesser, k: Adaptive, token: int, seq: list[int], *, sampler, rng, most: int):
+    """Run `token` and up to `most` guesses after it (what `guesser` proposes after `seq`, which
+    ends with `token`) through the model in one forward. Returns (the logits after the last token
+    kept, the guesses kept, the token drawn in place of a refused guess or None, guesses made);
+    the cache keeps `token` and the kept guesses."""
+    guesses = guesser.propose(seq, min(k.k, most)) if most > 0 else []
+    start = decoder.position
+    out = decoder.forward([token] + guesses, all_logits=bool(guesses))
+    kept, instead = 0, None
+    for i, g in enumerate(guesses):
+        ok, instead = accept(out[i], g, sampler, rng)
+        if not ok:
+            break
+        kept += 1
+    k.update(kept, len(guesses))
+    if kept < len(guesses):
+        decoder.rewind(start + 1 + kept)          # drop the refused guesses' cache rows
+    forced = instead if kept < len(guesses) and sampler.p.temperature > 0 else None   # greedy: the argmax again
+    return (out[kept] if guesses else out[-1]), guesses[:kept], forced, len(guesses)
