@@ -184,7 +184,9 @@ class Model:
         if tools:
             if stream:
                 raise ConfigError("chat(tools=...) returns a Completion; it does not stream")
-            return self.complete_chat(prepared, cancel=cancel, tool_choice=tool_choice, **sampling)
+            from .structured import Grammar
+            return self.complete_chat(prepared, cancel=cancel, grammar=Grammar.tool_call(tools, tool_choice),
+                                      **sampling)
         it = self._stream(prepared.ids, self.params(**sampling), cancel, self._constraint(json_schema),
                           dropped=prepared.dropped)
         return it if stream else "".join(it)
@@ -203,15 +205,14 @@ class Model:
         from .chat import prepare
         return prepare(self.text, messages, context=self.context_length, reserve=reserve, tools=tools)
 
-    def complete_chat(self, prepared, *, cancel=None, on_piece=None, json_schema: dict | None = None,
-                      tool_choice=None, **sampling) -> Completion:
-        """Run a prepared conversation to its end: the text, the tool call (when `prepared` has tools
-        and `tool_choice` is not None) and the counts. `on_piece(text)` sees the text as it decodes."""
-        from .structured import Grammar, parse_tool_call
-        grammar = Grammar.tool_call(list(prepared.tools), tool_choice) if prepared.tools and tool_choice else None
-        c = self.complete_ids(prepared.ids, cancel=cancel, on_piece=on_piece, json_schema=json_schema,
-                              grammar=grammar, dropped=prepared.dropped, **sampling)
-        call = parse_tool_call(c.text) if grammar is not None else None
+    def complete_chat(self, prepared, *, cancel=None, on_piece=None, grammar=None, **sampling) -> Completion:
+        """Run a prepared conversation to its end: the text, the tool call (under a
+        structured.Grammar.tool_call `grammar`) and the counts. `on_piece(text)` sees the text as it
+        decodes."""
+        from .structured import parse_tool_call
+        c = self.complete_ids(prepared.ids, cancel=cancel, on_piece=on_piece, grammar=grammar,
+                              dropped=prepared.dropped, **sampling)
+        call = parse_tool_call(c.text) if grammar is not None and grammar.what == "tools" else None
         if call is None:
             return c
         call = dataclasses.replace(call, id=f"call_{uuid.uuid4().hex[:24]}")

@@ -257,10 +257,8 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
                 raise ApiError(400, "tool_choice needs 'tools'", param="tool_choice")
             if tools is not None and schema is not None:
                 raise ApiError(400, "use either tools or response_format, not both", param="response_format")
-            if tools is not None:
-                Grammar.tool_call(tools, choice)              # checks the tools and tool_choice before the prompt
-            elif schema is not None:
-                Grammar.json_schema(schema)
+            grammar = Grammar.tool_call(tools, choice) if tools is not None else \
+                Grammar.json_schema(schema) if schema is not None else None     # checked before the prompt
             explicit_max = body.get("max_completion_tokens", body.get("max_tokens")) is not None
             prepared = models[0].prepare_chat(messages, tools=tools, reserve=sampling["max_new_tokens"] if explicit_max
                                               else min(256, context // 4))
@@ -276,8 +274,8 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
         headers = {"x-edge-dropped-messages": str(prepared.dropped)} if prepared.dropped else {}
 
         def run(model: Model, cancel, emit):
-            return model.complete_chat(prepared, cancel=cancel, on_piece=lambda p: emit("piece", p),
-                                       json_schema=schema, tool_choice=choice if tools else None, **sampling)
+            return model.complete_chat(prepared, cancel=cancel, on_piece=lambda p: emit("piece", p), grammar=grammar,
+                                       **sampling)
         job = Job(run, asyncio.get_running_loop())
         try:
             workers.submit(job)
@@ -303,6 +301,7 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
                 raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
             sampling = sampling_fields(body, max_tokens_limit=limit, default_max=16)
             schema = response_schema(body)
+            grammar = Grammar.json_schema(schema) if schema is not None else None
             ids = models[0].encode(prompt)
             if len(ids) + 1 > context:
                 raise ApiError(400, f"the prompt is {len(ids)} tokens; the context window is {context}", param="prompt",
@@ -314,7 +313,7 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
 
         def run(model: Model, cancel, emit):
-            return model.complete_ids(ids, cancel=cancel, on_piece=lambda p: emit("piece", p), json_schema=schema,
+            return model.complete_ids(ids, cancel=cancel, on_piece=lambda p: emit("piece", p), grammar=grammar,
                                       **sampling)
         job = Job(run, asyncio.get_running_loop())
         try:

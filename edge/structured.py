@@ -73,7 +73,7 @@ class Grammar:
                                           "arguments": f.get("parameters") or {"type": "object"}}}
                           for f in functions]}
         if choice == "required":
-            return cls.json_schema(call)
+            return cls(cls.json_schema(call).source, "tools")
         llg = _llguidance()
         # free text may not open with "{" (nor with whitespace before it): that is how a call starts
         lark = ("start: call | TEXT\n"
