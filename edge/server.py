@@ -204,10 +204,30 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    async def read(request: Request) -> dict:
+    def check_key(request: Request) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
                            code="invalid_api_key")
+
+    async def answer(request: Request, run, *, events, body_of, headers=None):
+        """Queue `run` for a worker; stream `events(job)` when given, else wait and answer with
+        body_of(its result). A full queue is 503, a worker's error its ApiError."""
+        job = Job(run, asyncio.get_running_loop())
+        try:
+            workers.submit(job)
+        except ApiError as e:
+            return error(e)
+        if events is not None:
+            return StreamingResponse(events(job), media_type="text/event-stream", headers=headers)
+        result = await _wait(job, request)
+        if isinstance(result, ApiError):
+            return error(result)
+        if result is None:                       # cancelled: its client is gone
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(body_of(result), headers=headers)
+
+    async def read(request: Request) -> dict:
+        check_key(request)
         size = int(request.headers.get("content-length") or 0)
         if size > max_request_bytes:
             raise ApiError(413, f"the request is {size} bytes; the limit is {max_request_bytes}")
@@ -234,8 +254,7 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
 
     async def list_models(request: Request):
         try:
-            if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-                raise ApiError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+            check_key(request)
         except ApiError as e:
             return error(e)
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": created,
@@ -276,20 +295,8 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
         def run(model: Model, cancel, emit):
             return model.complete_chat(prepared, cancel=cancel, on_piece=lambda p: emit("piece", p), grammar=grammar,
                                        **sampling)
-        job = Job(run, asyncio.get_running_loop())
-        try:
-            workers.submit(job)
-        except ApiError as e:
-            return error(e)
-        if stream:
-            return StreamingResponse(_chat_events(job, rid, name, tools is not None, include_usage, request),
-                                     media_type="text/event-stream", headers=headers)
-        result = await _wait(job, request)
-        if isinstance(result, ApiError):
-            return error(result)
-        if result is None:
-            return JSONResponse({}, status_code=499)
-        return JSONResponse(_chat_body(result, rid, name), headers=headers)
+        events = (lambda job: _chat_events(job, rid, name, tools is not None, include_usage)) if stream else None
+        return await answer(request, run, events=events, body_of=lambda r: _chat_body(r, rid, name), headers=headers)
 
     async def completions(request: Request):
         try:
@@ -315,22 +322,11 @@ def create_app(models: list[Model], *, name: str, api_key: str | None = None, qu
         def run(model: Model, cancel, emit):
             return model.complete_ids(ids, cancel=cancel, on_piece=lambda p: emit("piece", p), grammar=grammar,
                                       **sampling)
-        job = Job(run, asyncio.get_running_loop())
-        try:
-            workers.submit(job)
-        except ApiError as e:
-            return error(e)
-        if body.get("stream"):
-            return StreamingResponse(_completion_events(job, rid, name, request), media_type="text/event-stream")
-        result = await _wait(job, request)
-        if isinstance(result, ApiError):
-            return error(result)
-        if result is None:
-            return JSONResponse({}, status_code=499)
-        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                             "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
-                                          "logprobs": None}],
-                             "usage": _usage(result)})
+        events = (lambda job: _completion_events(job, rid, name)) if body.get("stream") else None
+        return await answer(request, run, events=events, body_of=lambda r: {
+            "id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
+            "choices": [{"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}],
+            "usage": _usage(r)})
 
     app = Starlette(routes=[Route("/health", health), Route("/v1/models", list_models),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -381,7 +377,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _chat_events(job: Job, rid: str, name: str, tools: bool, include_usage: bool, request):
+async def _chat_events(job: Job, rid: str, name: str, tools: bool, include_usage: bool):
     created = int(time.time())
     chunk = lambda delta, finish=None: _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                                              "model": name, "choices": [{"index": 0, "delta": delta,
@@ -412,7 +408,7 @@ async def _chat_events(job: Job, rid: str, name: str, tools: bool, include_usage
     yield "data: [DONE]\n\n"
 
 
-async def _completion_events(job: Job, rid: str, name: str, request):
+async def _completion_events(job: Job, rid: str, name: str):
     created = int(time.time())
     chunk = lambda text, finish=None: _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
                                             "choices": [{"index": 0, "text": text, "finish_reason": finish,
