@@ -78,8 +78,8 @@ def prepare(text: Text, messages: list[dict], *, context: int, reserve: int, too
     convo = normalise(messages, functions, template_has_tools=has_tools)
     keep = 1 if convo[0]["role"] == "system" else 0
     dropped = 0
+    extra = {"tools": [{"type": "function", "function": f} for f in functions]} if functions and has_tools else {}
     while True:
-        extra = {"tools": [{"type": "function", "function": f} for f in functions]} if functions and has_tools else {}
         ids = text.encode(text.render_chat(convo, add_generation_prompt=True, **extra))
         if len(ids) + reserve <= context:
             return PreparedChat(ids, dropped, tuple(functions))

@@ -32,7 +32,7 @@ class PromptLookup:
     def __init__(self, max_ngram: int = 3, max_tokens: int = 8):
         if not 1 <= max_ngram <= 8 or not 1 <= max_tokens <= 32:
             raise ConfigError("prompt lookup needs 1 <= n <= 8 and 1 <= draft tokens <= 32")
-        self.max_ngram, self.max_tokens = max_ngram, max_tokens
+        self.max_ngram = max_ngram                # (how many it may guess at once: Adaptive's bound)
 
     def start(self, ids: list[int]) -> None:
         self._last: dict[tuple, int] = {}        # n-gram -> the position just after its latest occurrence
@@ -53,9 +53,6 @@ class PromptLookup:
                 return seq[at:at + k]
         return []
 
-    def close(self) -> None:
-        pass
-
 
 class DraftModel:
     """Guesses by decoding greedily with a smaller model that shares the tokenizer. Its cache
@@ -69,7 +66,7 @@ class DraftModel:
         if not 1 <= max_tokens <= 16:
             raise ConfigError("draft tokens must be in [1, 16]")
         self.model, self.decoder = model, model.decoder
-        self.max_tokens, self.confidence = max_tokens, confidence
+        self.confidence = confidence
         self._cached: list[int] = []
 
     def start(self, ids: list[int]) -> None:
@@ -99,10 +96,6 @@ class DraftModel:
                 logits = d.forward([t])[-1]
         self._cached = list(seq) + out[:-1]       # what its cache holds now
         return out
-
-    def close(self) -> None:
-        self.decoder.reset()
-        self._cached = []
 
 
 def _top_probability(logits: np.ndarray) -> float:
