@@ -76,10 +76,14 @@ def detect(folder: str = typer.Option(".", help="Where to measure storage read s
 def plan_command(bundle: str = typer.Argument(..., help="An exported bundle."),
                  device: str = typer.Option(..., "--device", help="profile[:variant][:storage] or 'host'."),
                  context: Optional[int] = typer.Option(None, "--context", help="Context window (default: min(model, 4096))."),
+                 memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Plan for at most this much "
+                                                             "memory (the whole process, as `edge run` takes it)."),
                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """What fits on a device: dense weights, KV cache, expert cache, threads, expected decode speed."""
     from .bundle import open_bundle
-    p = device_plan(open_bundle(bundle).manifest, device, context)
+    from .moe import parse_bytes
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
+    p = device_plan(open_bundle(bundle).manifest, device, context, memory_budget=budget, folder=bundle)
     if as_json:
         print(json.dumps(p.as_dict()))
         return
@@ -96,24 +100,27 @@ def plan_command(bundle: str = typer.Argument(..., help="An exported bundle."),
              ("decode (estimate)", f"{p.decode_tok_s[0]:g}-{p.decode_tok_s[1]:g} tok/s" if p.decode_tok_s else "-")]
     rows += [("note", n) for n in p.notes]
     print_table(rows)
-    print(f"\nrun it: edge run {bundle} \"...\" --device {device}" + (f" --context {context}" if context else ""))
+    print(f"\nrun it: edge run {bundle} \"...\" --device {device}" + (f" --context {context}" if context else "")
+          + (f" --memory-budget {memory_budget}" if memory_budget else ""))
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, folder=None):
+    """A profile, or for 'host' this machine (with `folder`'s storage read speed measured, when given)."""
     from .devices import detect, get
-    return detect(None) if name == "host" else get(name)
+    return detect(folder) if name == "host" else get(name)
 
 
-def device_plan(manifest, name: str, context: int | None):
-    """The plan at `context`, or when None at the longest context (4096 down to 256) that fits."""
+def device_plan(manifest, name: str, context: int | None, *, memory_budget: int | None = None, folder=None):
+    """The plan at `context`, or when None at the longest context (4096 down to 256) that fits. `folder`:
+    the bundle's, whose storage 'host' measures for an MoE bundle (its misses are read from there)."""
     from .errors import BudgetError
     from .plan import plan
-    device = resolve_device(name)
+    device = resolve_device(name, folder if manifest.moe is not None else None)
     if context is not None:
-        return plan(manifest, device, context=context)
+        return plan(manifest, device, context=context, memory_budget=memory_budget)
     for ctx in (4096, 2048, 1024, 512, 256):
         try:
-            p = plan(manifest, device, context=ctx)
+            p = plan(manifest, device, context=ctx, memory_budget=memory_budget)
         except BudgetError:
             if ctx == 256:
                 raise
@@ -127,7 +134,7 @@ def apply_device(bundle: str, name: str, *, threads, context, memory_budget) -> 
     """(threads, context, memory_budget) for `--device NAME`: the plan's, unless given explicitly."""
     from .bundle import open_bundle
     m = open_bundle(bundle).manifest
-    p = device_plan(m, name, context)
+    p = device_plan(m, name, context, folder=bundle)
     host = len(os.sched_getaffinity(0))
     if threads is None:
         threads = min(p.threads, host)

@@ -196,33 +196,36 @@ def get(name: str, storage: str | None = None) -> Device:
     return profile.resolve(chosen.get("variant"), chosen.get("storage"))
 
 
-def measure_read_mb_s(folder: str | os.PathLike, size_mb: int = 64) -> float:
+def measure_read_mb_s(folder: str | os.PathLike, size_mb: int = 64, *, rounds: int = 3) -> float:
     """Sequential read speed (MiB/s) of `folder`'s storage: writes a `size_mb` MiB temporary file,
-    fsyncs it, drops it from the page cache, times reading it back, deletes it. On tmpfs this is
-    memory speed (there is no storage under its page cache)."""
+    fsyncs it, then `rounds` times drops it from the page cache and times reading it back (the median:
+    a shared disk's speed varies by 2-3x between reads), and deletes it. On tmpfs this is memory
+    speed (there is no storage under its page cache)."""
     if not hasattr(os, "posix_fadvise"):
         raise UnsupportedError("measuring storage speed needs posix_fadvise (Linux)")
     if not isinstance(size_mb, int) or size_mb < 1:
         raise ConfigError(f"size_mb must be a positive integer, got {size_mb!r}")
     chunk = os.urandom(1 << 20)      # incompressible; repeating one MiB keeps CPU use low
     fd, path = tempfile.mkstemp(prefix=".edge-read-test-", dir=folder)
+    speeds = []
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
             for _ in range(size_mb):
                 f.write(chunk)
             os.fsync(f.fileno())     # only clean pages can be dropped
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        with open(path, "rb", buffering=0) as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            buf, total, start = bytearray(1 << 20), 0, time.perf_counter()
-            while (n := f.readinto(buf)) > 0:
-                total += n
-            elapsed = time.perf_counter() - start
+        for _ in range(rounds):
+            with open(path, "rb", buffering=0) as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                buf, total, start = bytearray(1 << 20), 0, time.perf_counter()
+                while (n := f.readinto(buf)) > 0:
+                    total += n
+                elapsed = time.perf_counter() - start
+            if total != size_mb << 20:
+                raise OSError(f"read {total} bytes of the {size_mb} MiB test file in {folder}")
+            speeds.append(total / (1 << 20) / max(elapsed, 1e-9))
     finally:
         os.unlink(path)
-    if total != size_mb << 20:
-        raise OSError(f"read {total} bytes of the {size_mb} MiB test file in {folder}")
-    return total / (1 << 20) / max(elapsed, 1e-9)
+    return sorted(speeds)[len(speeds) // 2]
 
 
 def _read(path: str) -> str:

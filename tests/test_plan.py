@@ -34,6 +34,22 @@ def test_plan_sizes_the_expert_cache_to_the_device(tiny_bundle, monkeypatch):
         plan(m, dataclasses.replace(d, ram_mb=d.headroom_mb + 10), context=64)
 
 
+def test_a_memory_budget_lowers_the_plan(tiny_bundle, monkeypatch):
+    import edge.plan
+    monkeypatch.setattr(edge.plan, "SLOT_MARGIN", 2000.0)            # tiny experts made MB-sized
+    m = open_bundle(tiny_bundle("mixtral", "int4")).manifest
+    d = get("raspberry-pi-5:8gb")
+    full = plan(m, d, context=64)
+    fixed = full.dense_mb + full.kv_cache_mb + full.headroom_mb
+    half = plan(m, d, context=64, memory_budget=int((fixed + 4.5 * full.per_expert_mb) * 2 ** 20))
+    assert half.experts_cached == 4 and half.budget_mb <= half.usable_mb < full.usable_mb
+    assert half.decode_tok_s[1] < full.decode_tok_s[0]                # misses read from storage, staged compute
+    with pytest.raises(BudgetError, match="the memory budget is"):
+        plan(m, d, context=64, memory_budget=int(fixed * 2 ** 20))
+    r = edge_cli("plan", tiny_bundle("mixtral", "int4"), "--device", "raspberry-pi-5:8gb", "--memory-budget", "1MB")
+    assert r.returncode == 1 and "the memory budget is 1 MB" in r.stderr, r.stderr
+
+
 def test_plan_cli_and_devices_list(tiny_bundle):
     r = edge_cli("devices", "list")
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) >= 7, r.stderr      # header + >= 6 profiles
