@@ -70,7 +70,14 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
     bundle = Bundle(root, manifest)
     paths = [bundle.path(f.path) for f in manifest.files]          # refuses unsafe paths first
     listed = {f.path for f in manifest.files}
-    needed_files = [manifest.graph.file, manifest.tokenizer.file, manifest.tokenizer.chat_template]
+    needed_files = [manifest.tokenizer.file, manifest.tokenizer.chat_template]
+    if manifest.graph is not None:
+        needed_files.append(manifest.graph.file)
+    if manifest.embedding is not None:
+        needed_files.append(manifest.embedding.file)
+    if manifest.speech is not None:
+        sp = manifest.speech
+        needed_files += [sp.encoder, sp.decoder, sp.decoder_with_past, sp.mel_filters]
     if manifest.moe is not None:
         needed_files += [st.file for st in manifest.moe.stages] + [manifest.moe.expert_graph, manifest.moe.expert_file]
     for needed in needed_files:

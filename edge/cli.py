@@ -347,6 +347,8 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
 
 def _attention_row(m) -> str:
     """The attention kind and what its cache costs a token."""
+    if m.graph is None:
+        return {"feature-extraction": "encoder (no cache)", "automatic-speech-recognition": "encoder-decoder"}[m.task]
     per_token = sum(c.bytes_per_token() for c in m.graph.cache)
     layers = max(1, m.model.num_layers)
     kind = {"mla": "multi-head latent (MLA)", "gqa": "grouped-query"}.get(m.model.attention, m.model.attention)
@@ -392,7 +394,7 @@ def inspect(bundle: str, verify: bool = typer.Option(False, "--verify", help="Ch
                 n *= d
             kinds[t.dtype][1] += n
         methods = collections.Counter(t.method for t in m.tensors if t.dtype != "float32")
-        rows = [("format", f"{m.format_version} ({m.producer})"), ("source", f"{m.source.path} ({m.source.format}, {m.source.dtype})"),
+        rows = [("format", f"{m.format_version} ({m.producer})"), ("task", m.task), ("source", f"{m.source.path} ({m.source.format}, {m.source.dtype})"),
                 ("architecture", f"{s.architecture}: {s.num_layers} layers, hidden {s.hidden_size}, heads {s.num_heads}/{s.num_kv_heads} "
                                  f"(q/kv), head_dim {s.head_dim}, ffn {s.intermediate_size}, vocab {s.vocab_size}"),
                 ("attention", _attention_row(m)),

@@ -1,9 +1,11 @@
-"""The decoder session: one onnxruntime session, a KV cache written in place, and a forward()
-that runs S new tokens and returns logits for the positions asked for.
+"""The decoder session: one onnxruntime session, a KV cache, and a forward() that runs S new
+tokens and returns logits for the positions asked for.
 
-The KV cache is one [1, kv_heads, context, head_dim] buffer per layer and per K/V, bound both as
-GroupQueryAttention's past and present: nothing is copied between steps. np.zeros maps the
-buffers lazily, so RSS grows with the tokens actually used, not with the context length.
+In edge's own graphs the KV cache is one [1, kv_heads, context, head_dim] buffer per layer and per
+K/V, bound both as GroupQueryAttention's past and present: nothing is copied between steps.
+np.zeros maps the buffers lazily, so RSS grows with the tokens actually used, not with the context
+length. Graphs exported by optimum take an attention mask and return past and new keys
+concatenated (edge/kvcache.py: "concat"); the same forward() runs them.
 """
 from __future__ import annotations
 
@@ -130,7 +132,13 @@ class Decoder:
         self._pos_last = np.zeros((1,), np.int64)
         self._logits1 = np.zeros((1, 1, self.vocab_size), np.float32)
         for name, arr in ((g.seqlens_k, self._seqlens), (g.total_sequence_length, self._total)):
-            self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+            if name:
+                self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        # optimum's graphs: a mask over every cached and new token, positions of the new ones
+        self._mask_type = np.int32 if types.get(g.attention_mask) == "tensor(int32)" else np.int64
+        self._ones = np.ones((1, context_length), self._mask_type)          # [1, context]
+        self._positions = np.arange(context_length, dtype=np.int64)[None]   # [1, context]
         self._bind_step(self._ids1, self._pos_last, self._logits1)
         self.position = 0   # tokens in the cache
         self.writes = 0     # forward and rewind calls so far: a change of the cache anyone made
@@ -138,7 +146,8 @@ class Decoder:
     def _bind_step(self, ids: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
         g = self.spec
         self.io.bind_ortvalue_input(g.input_ids, ort.OrtValue.ortvalue_from_numpy(ids))
-        self.io.bind_ortvalue_input(g.logits_positions, ort.OrtValue.ortvalue_from_numpy(positions))
+        if g.logits_positions:
+            self.io.bind_ortvalue_input(g.logits_positions, ort.OrtValue.ortvalue_from_numpy(positions))
         self.io.bind_ortvalue_output(g.logits, ort.OrtValue.ortvalue_from_numpy(logits))
         self._single = ids is self._ids1
 
@@ -157,6 +166,7 @@ class Decoder:
         """Keep the first `position` cached tokens and forget the rest (the prompt cache)."""
         if not 0 <= position <= self.position:
             raise ValueError(f"cannot rewind to {position}: {self.position} tokens are cached")
+        self.kv.truncate(position)
         self.position = position
         self.writes += 1
 
@@ -173,18 +183,30 @@ class Decoder:
             return in_chunks(self.forward, ids, self.prefill_chunk, all_logits)
         self._seqlens[0] = total - 1
         self._total[...] = total
-        keep = self.kv.bind_step(self.io, self._all, self.position, s) if self._appends else None   # noqa: F841
+        keep = self.kv.bind_step(self.io, self._all, self.position, s) if self._appends else []
+        g = self.spec
+        if g.attention_mask:
+            keep.append(ort.OrtValue.ortvalue_from_numpy(self._ones[:, :total]))
+            self.io.bind_ortvalue_input(g.attention_mask, keep[-1])
+        if g.position_ids:
+            keep.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._positions[:, self.position:total])))
+            self.io.bind_ortvalue_input(g.position_ids, keep[-1])
         if s == 1 and not all_logits:
             if not self._single:
                 self._bind_step(self._ids1, self._pos_last, self._logits1)
             self._ids1[0, 0] = ids[0, 0]
-            self.session.run_with_iobinding(self.io)
-            self.position = total
+            self._run(total)
             return self._logits1[0]
-        positions = np.arange(s, dtype=np.int64) if all_logits else np.array([s - 1], np.int64)
+        # a graph without logits_positions computes logits at every position
+        every = all_logits or not g.logits_positions
+        positions = np.arange(s, dtype=np.int64) if every else np.array([s - 1], np.int64)
         logits = np.empty((1, positions.size, self.vocab_size), np.float32)          # [1, P, vocab]
         self._bound = (np.ascontiguousarray(ids), positions, logits)   # keep alive while bound
         self._bind_step(*self._bound)
+        self._run(total)
+        return logits[0] if all_logits or not every else logits[0, -1:]
+
+    def _run(self, total: int) -> None:
         self.session.run_with_iobinding(self.io)
+        self.kv.stepped()
         self.position = total
-        return logits[0]

@@ -7,6 +7,8 @@ planner size and bind the cache here.
     append    past  = the buffer's first `position` tokens     (a view: no copy)
               present = tokens [position, position + S)        (a view the graph's output fills)
               rebound at every step, as both move
+    concat    past  = the cache so far, `position` tokens; present = a new array of position + S
+              tokens that the graph fills (past and the new tokens), the next step's past
 """
 from __future__ import annotations
 
@@ -20,18 +22,20 @@ class KVCache:
     def __init__(self, buffers: tuple[CacheBuffer, ...], context_length: int):
         self.buffers = buffers
         self.context_length = context_length
-        # one array per buffer: zeros, so memory is committed only as tokens fill it
-        self.arrays = [np.zeros(b.at(context_length), np.float32) for b in buffers]
+        # one array per buffer: zeros, so memory is committed only as tokens fill it; a concat
+        # buffer's array holds exactly the cached tokens
+        self.arrays = [np.zeros(b.at(0 if b.update == "concat" else context_length), np.float32) for b in buffers]
+        self._next: dict[int, np.ndarray] = {}          # concat: the present arrays of the step being run
         self._axis = [b.shape.index(-1) for b in buffers]
         self._whole = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
+        return sum(b.bytes_per_token() * self.context_length for b in self.buffers)
 
     def appends(self, indices) -> bool:
         """Do any of these buffers need binding at every step?"""
-        return any(self.buffers[i].update == "append" for i in indices)
+        return any(self.buffers[i].update != "in_place" for i in indices)
 
     def bind(self, io: ort.IOBinding, indices) -> None:
         """Bind the in-place buffers `indices` (once: they never move)."""
@@ -47,6 +51,14 @@ class KVCache:
         keep = []
         for i in indices:
             b = self.buffers[i]
+            if b.update == "concat":
+                past = ort.OrtValue.ortvalue_from_numpy(self.arrays[i])
+                self._next[i] = np.empty(b.at(position + new_tokens), np.float32)
+                new = ort.OrtValue.ortvalue_from_numpy(self._next[i])
+                io.bind_ortvalue_input(b.input, past)
+                io.bind_ortvalue_output(b.output, new)
+                keep += [past, new]
+                continue
             if b.update != "append":
                 continue
             lead = (slice(None),) * self._axis[i]           # size-1 axes: the views stay contiguous
@@ -57,3 +69,17 @@ class KVCache:
             io.bind_ortvalue_output(b.output, new)
             keep += [past, new]
         return keep
+
+    def stepped(self) -> None:
+        """After a step ran: the concat buffers' presents become the cache."""
+        for i, a in self._next.items():
+            self.arrays[i] = a
+        self._next.clear()
+
+    def truncate(self, position: int) -> None:
+        """Keep the first `position` tokens of the concat buffers (the others are overwritten in place)."""
+        self._next.clear()
+        for i, b in enumerate(self.buffers):
+            axis = self._axis[i]
+            if b.update == "concat" and self.arrays[i].shape[axis] != position:
+                self.arrays[i] = np.ascontiguousarray(self.arrays[i][(slice(None),) * axis + (slice(0, position),)])

@@ -46,7 +46,7 @@ class ModelSpec:
     attention: str = "gqa"       # "gqa" or "mla" (multi-head latent attention), for information
 
 
-CACHE_UPDATES = ("in_place", "append")
+CACHE_UPDATES = ("in_place", "append", "concat")
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,13 @@ class CacheBuffer:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """Names of the decoder graph's inputs and outputs.
+    """Names of the decoder graph's inputs and outputs; an input the graph does not take is "".
 
-    input_ids [1, S] int64; seqlens_k [1] int32 = total-1; total_sequence_length [] int32;
-    logits_positions [P] int64: which of the S positions get logits; logits [1, P, vocab].
+    input_ids [1, S] int64; logits [1, P, vocab]
+    GroupQueryAttention graphs (edge's own): seqlens_k [1] int32 = total-1; total_sequence_length []
+        int32; logits_positions [P] int64: which of the S positions get logits
+    other graphs (optimum's): attention_mask [1, total] of ones; position_ids [1, S] (optional); logits
+        for all S positions
     cache: every layer's attention cache buffers, in layer order (CacheBuffer).
     """
     file: str
@@ -103,6 +106,12 @@ class GraphSpec:
     logits: str
     cache: tuple[CacheBuffer, ...]
     data: tuple[str, ...] = ()   # the external-data files its weights live in (memory planning)
+    attention_mask: str = ""
+    position_ids: str = ""
+
+    def __post_init__(self):
+        if not (self.seqlens_k and self.total_sequence_length) and not self.attention_mask:
+            raise ValueError("the graph needs seqlens_k and total_sequence_length, or an attention_mask")
 
     def cache_bytes(self, context_length: int) -> int:
         """The attention cache's bytes at `context_length` tokens (what the runtime allocates)."""
@@ -224,6 +233,81 @@ class MoESpec:
         return out
 
 
+POOLINGS = ("mean", "cls", "max", "last")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """A feature-extraction graph: input_ids, attention_mask [B, S] int64 (token_type_ids where the
+    graph takes it, else "") -> `output` [B, S, hidden]; pooled over the unmasked tokens as the
+    checkpoint's sentence-transformers config says ("mean" by default), then L2-normalised if asked."""
+    file: str
+    input_ids: str
+    attention_mask: str
+    token_type_ids: str
+    output: str
+    pooling: str
+    normalize: bool
+    max_length: int              # tokens a text is truncated to
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r} (known: {', '.join(POOLINGS)})")
+
+
+@dataclass(frozen=True)
+class SpeechCache:
+    """One attention cache tensor of a speech decoder: `input` of decoder_with_past, filled first by the
+    decoder's output `first`, then replaced by decoder_with_past's output `step` ("" for the
+    cross-attention keys and values, which stay as the first pass made them)."""
+    input: str
+    first: str
+    step: str
+
+
+AUDIO_FEATURES = ("whisper-log-mel",)
+
+
+@dataclass(frozen=True)
+class SpeechSpec:
+    """Speech recognition as encoder + decoder (Whisper): the audio's log-mel features [1, n_mels,
+    frames] -> `encoder` -> states; `decoder` runs the prompt tokens over them and fills every cache
+    tensor; `decoder_with_past` then runs one token at a time. Features: `features` names the recipe
+    (edge/speech.py), with an STFT of n_fft / hop_length at sample_rate and the mel filter bank
+    [n_fft // 2 + 1, n_mels] stored in `mel_filters` (float32, .npy); audio goes in chunk_seconds at a time."""
+    encoder: str
+    encoder_input: str
+    encoder_output: str
+    decoder: str
+    decoder_with_past: str
+    input_ids: str
+    encoder_states: str          # the decoder's input that takes the encoder's output
+    logits: str
+    cache: tuple[SpeechCache, ...]
+    features: str
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    chunk_seconds: int
+    mel_filters: str
+    start_token: int             # decoder_start_token_id (<|startoftranscript|>)
+    languages: dict[str, int]    # language code -> its token ("en" -> <|en|>); empty: an English-only model
+    tasks: dict[str, int]        # "transcribe" / "translate" -> its token
+    no_timestamps: int           # -1: none
+    eos_token: int
+    suppress_tokens: tuple[int, ...]
+    begin_suppress_tokens: tuple[int, ...]   # also never the first token after the prompt
+    max_tokens: int              # the decoder's positions (max_target_positions)
+
+    def __post_init__(self):
+        if self.features not in AUDIO_FEATURES:
+            raise ValueError(f"unknown audio features {self.features!r} (known: {', '.join(AUDIO_FEATURES)})")
+
+
+TASKS = ("text-generation", "feature-extraction", "automatic-speech-recognition")
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
     file: str
@@ -279,13 +363,25 @@ class Manifest:
     producer: str
     quant: str                   # the export's headline scheme: "fp32", "int8", "int4"
     model: ModelSpec
-    graph: GraphSpec             # dense: the whole decoder; MoE: its KV-cache fields (file = first stage)
+    graph: GraphSpec | None      # dense: the whole decoder; MoE: its KV-cache fields (file = first stage);
+                                 # None for the tasks that are not text generation
     tokenizer: TokenizerSpec
     generation: GenerationDefaults
     source: SourceInfo
     tensors: tuple[TensorEntry, ...] = field(default_factory=tuple)
     files: tuple[FileEntry, ...] = field(default_factory=tuple)
     moe: MoESpec | None = None
+    task: str = "text-generation"            # one of TASKS; each other task has its section below
+    embedding: EmbeddingSpec | None = None   # feature-extraction
+    speech: SpeechSpec | None = None         # automatic-speech-recognition
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r} (known: {', '.join(TASKS)})")
+        need = {"text-generation": ("graph", self.graph), "feature-extraction": ("embedding", self.embedding),
+                "automatic-speech-recognition": ("speech", self.speech)}[self.task]
+        if need[1] is None:
+            raise ValueError(f"a {self.task} bundle needs its '{need[0]}' section")
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=1)

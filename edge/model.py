@@ -431,6 +431,17 @@ def load(path, *, threads: int | None = None, context_length: int | None = None,
     if threads is not None and threads > default_threads():
         logging.getLogger("edge").warning(f"threads={threads} is more than the {default_threads()} cores this process "
                                           "may use: the extra threads only wait for each other")
+    task = bundle.manifest.task
+    if task != "text-generation":         # embeddings (edge/embed.py), speech recognition (edge/speech.py)
+        given = [k for k, v in dict(context_length=context_length, memory_budget=memory_budget, draft=draft,
+                                    expert_capacity=expert_capacity, prompt_lookup=prompt_lookup).items() if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: options of text generation; this bundle is {task}")
+        if task == "feature-extraction":
+            from .embed import Embedder
+            return Embedder(bundle, threads=threads or default_threads())
+        from .speech import Transcriber
+        return Transcriber(bundle, threads=threads or default_threads())
     ctx = context_length or min(bundle.manifest.model.max_context, 4096)
     if expert_capacity is not None and bundle.manifest.moe is not None and expert_capacity < bundle.manifest.moe.top_k:
         raise ConfigError(f"expert_capacity must hold at least one token's experts ({bundle.manifest.moe.top_k})")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge import __version__
-from edge.errors import ConfigError, EdgeError
+from edge.errors import ConfigError, EdgeError, UnsupportedError
 from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, GenerationDefaults, Manifest, SourceInfo, TokenizerSpec
 
 from .arch import describe
@@ -27,6 +27,7 @@ from .quant import QuantScheme
 from .sources import open_source
 
 QUANTS = ("fp32", "int8", "int4")
+VIAS = ("auto", "edge", "optimum")
 # int8's loss is mostly onnxruntime's int8 activation quantization, done per weight block: block 16
 # halves it (SmolLM2: +0.47% perplexity vs +0.68% at block 32)
 DEFAULT_BLOCK = {"int8": 16, "int4": 32}
@@ -54,6 +55,10 @@ class ExportOptions:
                                      #   (export/calib.py). SmolLM2 int4: +8.6% perplexity vs +17.6% without;
                                      #   gptq (which needs it) uses the inputs' X^T X
     calib_tokens: int = 16384        # how much of the calibration text to run
+    via: str = "auto"                # auto: edge's own graphs where export/arch/ has the model_type, else
+                                     #   optimum's (export/optimum_export.py); "edge" or "optimum" to choose
+    task: str = ""                   # optimum: text-generation, feature-extraction or
+                                     #   automatic-speech-recognition ("": from the checkpoint's head)
 
     def policy(self, *, tied: bool = False, moe_depths: tuple[int, int] | None = None) -> QuantPolicy:
         """Schemes per kind of weight. `moe_depths`: an MoE's (hidden, expert FFN) sizes.
@@ -143,10 +148,30 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         calibration = collect(src, options.calib, max_tokens=options.calib_tokens, gram=options.method == "gptq",
                               workdir=out.parent)
     source = open_source(src)
-    arch = describe(source.config)
-    depths = (arch.spec.hidden_size, arch.moe.expert_intermediate_size) if arch.moe is not None else None
-    policy = options.policy(tied=arch.spec.tie_word_embeddings, moe_depths=depths)
-    max_ctx = min(arch.spec.max_context, options.max_context or arch.spec.max_context)
+    if options.via not in VIAS:
+        raise ConfigError(f"unknown --via {options.via!r}; choose one of {', '.join(VIAS)}")
+    from .arch import supported
+    optimum = options.via == "optimum" or (options.via == "auto" and source.config.get("model_type") not in supported())
+    if optimum:
+        if source.format != "hf-safetensors":
+            raise UnsupportedError(f"{source.config.get('model_type')!r} from {source.format} is not supported: "
+                                   "optimum exports Hugging Face folders; edge's own architectures are "
+                                   + ", ".join(supported()))
+        if options.calib or options.quant_policy:
+            raise ConfigError("--calib and --quant-policy apply to edge's own architectures, not optimum's graphs")
+        from .optimum_export import task_of
+        task = options.task or task_of(source.config)
+        arch = None
+    else:
+        if options.task not in ("", "text-generation"):
+            raise ConfigError(f"edge's own {source.config.get('model_type')} export is text generation; "
+                              "other tasks go through --via optimum")
+        task = "text-generation"
+        arch = describe(source.config)
+    if arch is not None:
+        depths = (arch.spec.hidden_size, arch.moe.expert_intermediate_size) if arch.moe is not None else None
+        policy = options.policy(tied=arch.spec.tie_word_embeddings, moe_depths=depths)
+        max_ctx = min(arch.spec.max_context, options.max_context or arch.spec.max_context)
     assets = source.tokenizer()
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,13 +179,24 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        bar = _progress(arch.spec.num_layers, progress)
-        moe = None
-        if arch.moe:
+        moe, sections = None, {}
+        if optimum:
+            from .optimum_export import build_with_optimum, max_positions, model_spec
+            bar = _progress(3 if task == "automatic-speech-recognition" else 1, progress, unit="graph")
+            built = build_with_optimum(Path(src), tmp, options.policy().attention, task=task, config=source.config,
+                                       gen=source.generation_config(), progress=lambda done, total: bar.update(1))
+            graph, tensors, files = built.get("graph"), built["tensors"], built["files"]
+            sections = {k: built[k] for k in ("embedding", "speech") if k in built}
+            max_ctx = min(max_positions(source.config), options.max_context or max_positions(source.config))
+            base = model_spec(source.config, num_parameters=built["num_parameters"], max_context=max_ctx)
+            n_params = built["num_parameters"]
+        elif arch.moe:
+            bar = _progress(arch.spec.num_layers, progress)
             graph, moe, tensors, n_params, files = build_moe(tmp, arch, source.get, policy, max_context=max_ctx,
                                                              calibration=calibration and calibration.stats,
                                                              progress=lambda s: bar.update(1))
         else:
+            bar = _progress(arch.spec.num_layers, progress)
             data = DataFile(tmp / "model.onnx.data")
             g = Graph(data)
             graph, tensors, n_params = build_decoder(g, arch, source.get, policy, max_context=max_ctx,
@@ -175,7 +211,7 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         if assets.chat_template:
             (tmp / "chat_template.jinja").write_text(assets.chat_template)
             files.append("chat_template.jinja")
-        spec = dataclasses.replace(arch.spec, max_context=max_ctx, num_parameters=n_params)
+        spec = dataclasses.replace(base if optimum else arch.spec, max_context=max_ctx, num_parameters=n_params)
         manifest = Manifest(
             format_version=FORMAT_VERSION, producer=f"edge {__version__}", quant=options.quant, model=spec, graph=graph,
             tokenizer=TokenizerSpec(file="tokenizer.json", chat_template="chat_template.jinja" if assets.chat_template else "",
@@ -184,7 +220,7 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
             generation=_generation_defaults(source.generation_config()),
             source=SourceInfo(path=str(src), format=source.format, dtype=source.dtype,
                               calibration=calibration.describe(options.calib) if calibration else ""),
-            tensors=tuple(tensors), files=tuple(_file_entry(tmp, f) for f in files), moe=moe)
+            tensors=tuple(tensors), files=tuple(_file_entry(tmp, f) for f in files), moe=moe, task=task, **sections)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         _fsync_dir(tmp)
         if out.exists():   # --force: move the old bundle aside only once the new one is complete
@@ -213,22 +249,22 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(f.fileno())
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, unit: str = "layer"):
     """A bar on a terminal; piped, a plain line every quarter of the layers, so a log shows progress."""
     from tqdm import tqdm
     if not enabled or sys.stderr.isatty():
-        return tqdm(total=total, desc="export", unit="layer", disable=not enabled, file=sys.stderr)
-    return _Lines(total)
+        return tqdm(total=total, desc="export", unit=unit, disable=not enabled, file=sys.stderr)
+    return _Lines(total, unit)
 
 
 class _Lines:
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+    def __init__(self, total: int, unit: str):
+        self.total, self.done, self.t0, self.unit = total, 0, time.perf_counter(), unit
 
     def update(self, n: int = 1) -> None:
         self.done += n
         if self.done == self.total or self.done % max(1, self.total // 4) == 0:
-            print(f"export: {self.done}/{self.total} layers, {time.perf_counter() - self.t0:.0f} s",
+            print(f"export: {self.done}/{self.total} {self.unit}s, {time.perf_counter() - self.t0:.0f} s",
                   file=sys.stderr, flush=True)
 
     def close(self) -> None:

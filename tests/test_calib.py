@@ -74,14 +74,15 @@ def test_moe_expert_importance_counts_only_the_tokens_routed_to_it(tiny_checkpoi
     model, _ = _reference(ckpt, ids, 128)
     xs = {i: [] for i in range(2)}
     for i, layer in enumerate(model.model.layers):
-        layer.mlp.register_forward_pre_hook(lambda mod, inp, i=i: xs[i].append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
+        moe = getattr(layer, "mlp", None) or layer.block_sparse_moe     # transformers 5 / 4.x
+        moe.register_forward_pre_hook(lambda mod, inp, i=i: xs[i].append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
     with torch.no_grad():
         for j in range(0, len(ids), 128):
             model(torch.tensor([ids[j:j + 128]]))
     checked = 0
     for i, layer in enumerate(model.model.layers):
         x = torch.cat(xs[i]).double()                                          # [T, H]
-        top = torch.topk(x @ layer.mlp.gate.weight.double().T, 2, dim=-1).indices   # softmax keeps the order
+        top = torch.topk(x @ (getattr(layer, "mlp", None) or layer.block_sparse_moe).gate.weight.double().T, 2, dim=-1).indices   # softmax keeps the order
         for e in range(4):
             routed = x[(top == e).any(-1)]
             key = f"layers.{i}.experts.{e}.gate_up"

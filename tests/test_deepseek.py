@@ -21,10 +21,11 @@ def _hf_router(model_type: str, **cfg):
     import torch
     from transformers import AutoConfig
     c = AutoConfig.for_model(model_type, hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, **cfg)
-    if model_type == "deepseek_v2":
-        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter as Router
-    else:
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter as Router
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
+    # transformers 5: DeepseekV2TopkRouter; 4.x: DeepseekV2MoEGate (both v3's: DeepseekV3TopkRouter)
+    Router = getattr(v2, "DeepseekV2TopkRouter", None) or v2.DeepseekV2MoEGate if model_type == "deepseek_v2" \
+        else v3.DeepseekV3TopkRouter
     torch.manual_seed(0)
     r = Router(c)
     with torch.no_grad():
@@ -32,6 +33,16 @@ def _hf_router(model_type: str, **cfg):
         if hasattr(r, "e_score_correction_bias"):
             r.e_score_correction_bias.normal_(0, 0.1)
     return r
+
+
+def _route(r, x):
+    """(router logits, weights, expert ids) from either version's router (4.x returns ids, weights)."""
+    import torch
+    out = r(x[None] if type(r).__name__ == "DeepseekV2MoEGate" else x)
+    if len(out) == 3:
+        return out
+    ids, w = out
+    return torch.nn.functional.linear(x.float(), r.weight.float()), w, ids
 
 
 @pytest.mark.parametrize("model_type,cfg,routing", [
@@ -50,7 +61,7 @@ def test_routing_equals_transformers_routers(model_type, cfg, routing):
     r = _hf_router(model_type, **cfg)
     x = torch.randn(256, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logits, w, ids = r(x)
+        logits, w, ids = _route(r, x)
     bias = r.e_score_correction_bias.numpy() if routing.bias else None
     got_ids, got_w = route(logits.numpy(), routing, bias)
     order = np.argsort(ids.numpy(), -1)                        # transformers' top-k is unsorted
@@ -197,9 +208,12 @@ def test_the_classic_rope_scaling_spelling_exports_alike(tiny_checkpoint, tiny_b
     from export import ExportOptions, export_model
     src = shutil.copytree(tiny_checkpoint("deepseek_v2-groups"), tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
-    params = cfg.pop("rope_parameters")
-    cfg["rope_theta"] = params.pop("rope_theta")
-    cfg["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in params.items()}
+    if "rope_parameters" in cfg:                  # transformers 4.x saved the classic spelling already
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        cfg["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in params.items()}
+    else:
+        cfg["rope_scaling"] = {k: v for k, v in cfg["rope_scaling"].items() if k != "rope_type"}
     assert cfg["rope_scaling"]["type"] == "yarn"
     (src / "config.json").write_text(json.dumps(cfg))
     out = export_model(str(src), tmp_path / "b", ExportOptions(quant="fp32"), progress=False).out

@@ -9,6 +9,16 @@ ARCHS = ["llama", "llama-tied-rope3", "mistral", "mistral-window", "qwen2", "qwe
          "qwen3_moe-mixed", "qwen2_moe-mixed", "deepseek_v2", "deepseek_v2-groups", "deepseek_v3", "deepseek_v3-plain"]
 
 
+def _transformers_major() -> int:
+    import transformers
+    return int(transformers.__version__.split(".")[0])
+
+
+# transformers 4.x's DeepSeek-V2 YaRN (mscale 0.707) differs from 5.x's by up to 9e-4 in these logits;
+# the bundle matches 5.x's to 1e-4 (the greedy tokens equal both: tests/test_deepseek.py)
+TOLERANCE = {"deepseek_v2-groups": 1e-4 if _transformers_major() >= 5 else 2e-3}
+
+
 def reference(hf_dir, ids, steps):
     """transformers' logits for the prompt, then for `steps` greedy tokens fed one by one with its KV cache."""
     import torch
@@ -42,7 +52,7 @@ def test_fp32_matches_transformers(arch, tiny_checkpoint, tiny_bundle):
     ref, tokens = reference(tiny_checkpoint(arch), ids, 8)
     got = ours(tiny_bundle(arch), ids, tokens[:-1])
     err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref))
-    assert err < 1e-4, f"{arch}: max abs logit error {err}"
+    assert err < TOLERANCE.get(arch, 1e-4), f"{arch}: max abs logit error {err}"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "olmoe"])

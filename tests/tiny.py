@@ -75,8 +75,13 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
     """Save a random transformers model of config `name` into `out`; returns `out`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
     kw = {**COMMON, **CONFIGS[name]}
     model_type = kw.pop("model_type")
+    if int(transformers.__version__.split(".")[0]) < 5 and "rope_parameters" in kw:
+        rope = dict(kw.pop("rope_parameters"))       # transformers 4.x names it rope_scaling, theta apart
+        kw["rope_theta"] = rope.pop("rope_theta")
+        kw["rope_scaling"] = {**rope, "type": rope["rope_type"]}
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
