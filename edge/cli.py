@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from .cli_devices import apply_device, devices_app, plan_command, print_table, run_emulated
+from .cli_tasks import embed_command, require_task, transcribe_command
 from .errors import EdgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -91,6 +92,10 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
                                      "the activations' X^T X drives GPTQ. Needs temporary disk for an fp32 copy of "
                                      "the model."),
            calib_tokens: int = typer.Option(16384, help="Tokens of --calib to run."),
+           via: str = typer.Option("auto", "--via", help="auto (edge's own graphs where it has the architecture, "
+                                   "else optimum's) | edge | optimum."),
+           task: str = typer.Option("", "--task", help="With optimum: text-generation | feature-extraction | "
+                                    "automatic-speech-recognition (default: from the checkpoint)."),
            force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
     """Export a checkpoint to an edge bundle."""
@@ -115,7 +120,7 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
                   "checkpoint.", file=sys.stderr)
     opts = ExportOptions(quant=quant, block_size=block_size, symmetric=not asymmetric, method=method,
                          embed_quant=embed_quant, lm_head_quant=lm_head_quant, quant_policy=quant_policy,
-                         max_context=max_context, calib=calib, calib_tokens=calib_tokens)
+                         max_context=max_context, calib=calib, calib_tokens=calib_tokens, via=via, task=task)
     r = export_model(src, out, opts, force=force)
     m = r.manifest
     quantized = [t for t in m.tensors if t.dtype != "float32"]
@@ -129,8 +134,8 @@ def export(src: str = typer.Argument(..., help="Hugging Face model folder, .gguf
     if as_json:
         print(json.dumps(summary))
         return
-    print(f"wrote {r.out}  ({m.model.architecture}, {m.model.num_parameters / 1e6:.0f}M parameters, {m.quant}, "
-          f"{r.bundle_mb:.1f} MB)")
+    print(f"wrote {r.out}  ({m.model.architecture} {m.task}, {m.model.num_parameters / 1e6:.0f}M parameters, "
+          f"{m.quant}, {r.bundle_mb:.1f} MB)")
     if quantized:
         print(f"quantization error (relative RMS): mean {summary['mean_rms_rel_err']:.4f}, "
               f"worst {worst.rms_rel_err:.4f} ({worst.name}); per tensor in manifest.json")
@@ -151,6 +156,7 @@ def run(bundle: str, prompt: str, max_new_tokens: int = _MAX, temperature: Optio
         stats: bool = typer.Option(False, "--stats", help="Print speed after the text.")):
     """Generate from a prompt, streaming to the terminal ("-" reads the prompt from stdin)."""
     from .model import load
+    require_task(bundle, "text-generation", "edge run")
     if prompt == "-":
         prompt = sys.stdin.read()
     if emulate:
@@ -188,6 +194,7 @@ def chat(bundle: str, system: Optional[str] = typer.Option(None, help="System pr
     """Interactive chat. Empty line or Ctrl-D ends; /reset forgets the conversation. When the
     conversation outgrows the context, the oldest turns are dropped (the system prompt is kept)."""
     from .model import load
+    require_task(bundle, "text-generation", "edge chat")
     model = load(bundle, threads=threads, context_length=context, memory_budget=_process(memory_budget),
                  expert_policy=expert_policy, expert_store=store, expert_slots=expert_slots, draft=draft,
                  draft_tokens=draft_tokens, prompt_lookup=prompt_lookup)
@@ -244,6 +251,7 @@ def serve(bundle: str, host: str = typer.Option("127.0.0.1", help="Address to li
     /health): streaming, JSON-schema output, tool calls. Needs pip install "edge[serve]"."""
     from pathlib import Path
     from .model import load
+    require_task(bundle, "text-generation", "edge serve")
     try:
         from .server import serve as run_server
         import uvicorn  # noqa: F401
@@ -284,6 +292,7 @@ def bench(bundle: str, threads: Optional[int] = _THREADS,
     """Measure load time, time to first token, prompt and decode speed, peak RSS (and, for MoE
     models, the expert cache: hit rate, bytes read per token, time stalled on misses)."""
     from .bench import bench as run_bench
+    require_task(bundle, "text-generation", "edge bench")
     if emulate:
         raise typer.Exit(run_emulated(emulate, bundle, _state["argv"], as_json=as_json))
     if device:
@@ -435,6 +444,8 @@ def eval_(bundle: List[str] = typer.Argument(..., help="Bundle(s); the first is 
     (size, bits per weight, perplexity, delta, top-1 agreement with the first)."""
     from .evaluate import compare as run_compare
     bundles = [bundle[0], *(compare or []), *bundle[1:]]     # `--compare B2 B3`: B3 arrives as a positional
+    for b in bundles:
+        require_task(b, "text-generation", "edge eval")
     for path in (text, tokens):
         if path is not None and not os.path.isfile(path):     # before any model loads
             raise EdgeError(f"{path}: no such file")
@@ -491,6 +502,8 @@ def _process(memory_budget: Optional[str]):
 
 app.add_typer(devices_app, name="devices")
 app.command("plan")(plan_command)
+app.command("embed")(embed_command)
+app.command("transcribe")(transcribe_command)
 
 
 def main(argv: list[str] | None = None) -> int:

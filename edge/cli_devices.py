@@ -82,6 +82,8 @@ def plan_command(bundle: str = typer.Argument(..., help="An exported bundle."),
     """What fits on a device: dense weights, KV cache, expert cache, threads, expected decode speed."""
     from .bundle import open_bundle
     from .moe import parse_bytes
+    from .cli_tasks import require_task
+    require_task(bundle, "text-generation", "edge plan")
     budget = None if memory_budget is None else parse_bytes(memory_budget)
     p = device_plan(open_bundle(bundle).manifest, device, context, memory_budget=budget, folder=bundle)
     if as_json:

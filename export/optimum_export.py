@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,13 +61,23 @@ def run_optimum(src: Path, out: Path, task: str) -> None:
     if model_type.replace("_", "-") not in supported and model_type not in supported:
         raise UnsupportedError(f"optimum cannot export {model_type!r} for {task}; it exports "
                                f"{', '.join(sorted(supported))}")
-    import logging
-    import warnings
-    logging.getLogger("optimum").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")            # tracer warnings: torch's, about shapes it fixed
-        main_export(str(src), output=str(out), task=OPTIMUM_TASKS[task], do_validation=False, no_post_process=True,
-                    library_name="transformers", device="cpu")
+    # in a process of its own: it loads the whole model with torch (its memory is returned when it
+    # exits) and makes onnxruntime sessions of its own, which a process using edge's global pool refuses
+    args = dict(model_name_or_path=str(src), output=str(out), task=OPTIMUM_TASKS[task], do_validation=False,
+                no_post_process=True, library_name="transformers", device="cpu")
+    r = subprocess.run([sys.executable, "-c", _RUN, json.dumps(args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+        raise EdgeError(f"optimum could not export {src} for {task}: {lines[-1] if lines else 'no message'}")
+
+
+_RUN = """
+import json, logging, sys, warnings
+warnings.simplefilter("ignore")                 # tracer warnings: torch's, about shapes it fixed
+logging.disable(logging.WARNING)
+from optimum.exporters.onnx import main_export
+main_export(**json.loads(sys.argv[1]))
+"""
 
 
 def quantize_graph(model, scheme: QuantScheme | None) -> tuple[object, list[TensorEntry]]:

@@ -57,6 +57,10 @@ CONFIGS = {
                               first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
                               qk_nope_head_dim=16, v_head_dim=12, n_group=1, topk_group=1, routed_scaling_factor=1.0,
                               norm_topk_prob=False, rope_interleave=False),
+    # architectures without an export/arch file: exported through optimum
+    "phi3": dict(model_type="phi3", pad_token_id=0),
+    "gemma": dict(model_type="gemma", head_dim=16, num_key_value_heads=1, pad_token_id=0),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=96),
 }
 
 
@@ -99,4 +103,75 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     (out / "tokenizer.json").write_text(tokenizer_json())
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+    return out
+
+
+def make_bert(out: Path, *, sentence_transformers: bool = False, seed: int = 0) -> Path:
+    """A random BERT encoder with a word-level tokenizer ([CLS] text [SEP]); with sentence_transformers,
+    the modules.json / 1_Pooling / Normalize files a sentence-transformers model has (CLS pooling, 32 tokens)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     max_position_embeddings=64)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(out / "tokenizer.json"))
+    if sentence_transformers:
+        (out / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": 64, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
+             "pooling_mode_max_tokens": False}))
+        (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
+    return out
+
+
+WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>",
+                    "<|nospeech|>", "<|notimestamps|>"]
+WHISPER_TINY = dict(d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
+                    decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536, vocab_size=51865)
+
+
+def make_whisper(out: Path, *, seed: int = 0, **dims) -> Path:
+    """A random Whisper (tiny dims by default; WHISPER_TINY: whisper-tiny's shape) with a word-level
+    tokenizer of 200 words + Whisper's special tokens, multilingual (en, de) generation settings and
+    a few suppressed tokens, and the feature extractor's config."""
+    import torch
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    torch.manual_seed(seed)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(200)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([AddedToken(t, special=True) for t in WHISPER_SPECIALS])
+    ids = {t: tok.token_to_id(t) for t in WHISPER_SPECIALS}
+    dims = {**dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                   encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=tok.get_vocab_size()), **dims}
+    eot = ids["<|endoftext|>"]
+    cfg = WhisperConfig(num_mel_bins=80, max_source_positions=1500, max_target_positions=448,
+                        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=eot, pad_token_id=eot,
+                        bos_token_id=eot, **dims)
+    model = WhisperForConditionalGeneration(cfg)
+    settings = dict(decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=eot, pad_token_id=eot,
+                    no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=True, forced_decoder_ids=None,
+                    lang_to_id={"<|en|>": ids["<|en|>"], "<|de|>": ids["<|de|>"]},
+                    task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+                    suppress_tokens=[5, 7, 11], begin_suppress_tokens=[eot, 3])
+    for key, value in settings.items():      # Whisper's own fields, which GenerationConfig.update() skips
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(out, safe_serialization=True)
+    g = json.loads((out / "generation_config.json").read_text())
+    g.pop("_from_model_config", None)          # else transformers rebuilds it from config.json on load
+    (out / "generation_config.json").write_text(json.dumps(g))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
     return out
