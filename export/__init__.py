@@ -183,13 +183,15 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         if optimum:
             from .optimum_export import build_with_optimum, max_positions, model_spec
             bar = _progress(3 if task == "automatic-speech-recognition" else 1, progress, unit="graph")
-            built = build_with_optimum(Path(src), tmp, options.policy().attention, task=task, config=source.config,
+            policy = options.policy()
+            built = build_with_optimum(Path(src), tmp, policy.attention, embedding=policy.embed, task=task,
+                                       config=source.config,
                                        gen=source.generation_config(), progress=lambda done, total: bar.update(1))
             graph, tensors, files = built.get("graph"), built["tensors"], built["files"]
             sections = {k: built[k] for k in ("embedding", "speech") if k in built}
             max_ctx = min(max_positions(source.config), options.max_context or max_positions(source.config))
-            base = model_spec(source.config, num_parameters=built["num_parameters"], max_context=max_ctx)
-            n_params = built["num_parameters"]
+            n_params = source.num_parameters()          # the checkpoint's (the graphs may hold a tied head twice)
+            base = model_spec(source.config, num_parameters=n_params, max_context=max_ctx)
         elif arch.moe:
             bar = _progress(arch.spec.num_layers, progress)
             graph, moe, tensors, n_params, files = build_moe(tmp, arch, source.get, policy, max_context=max_ctx,

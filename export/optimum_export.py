@@ -80,10 +80,12 @@ main_export(**json.loads(sys.argv[1]))
 """
 
 
-def quantize_graph(model, scheme: QuantScheme | None) -> tuple[object, list[TensorEntry]]:
+def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | None = None) -> tuple[object, list[TensorEntry]]:
     """MatMul(x, W) and Gemm(x, W, b) with W a constant float32 [K, N] (Gemm: transB read, a 1-D bias)
-    -> MatMulNBits over W^T [N, K], in place; the rest is left as optimum made it. Returns the model and
-    one TensorEntry per weight (fp32 ones too, for the report)."""
+    -> MatMulNBits over W^T [N, K], and Gather(E, ids) of a constant table E [V, H] ->
+    GatherBlockQuantized at `embedding` (only the gathered rows are read: int8 costs no speed), in
+    place; the rest is left as optimum made it. Returns the model and one TensorEntry per weight (fp32
+    ones too, for the report)."""
     import onnx
     from onnx import helper, numpy_helper
     g = model.graph
@@ -93,6 +95,11 @@ def quantize_graph(model, scheme: QuantScheme | None) -> tuple[object, list[Tens
     entries, nodes = [], []
     for n in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        table = inits.get(alias.get(n.input[0], n.input[0])) if n.op_type == "Gather" and n.input else None
+        if table is not None and embedding is not None and len(table.dims) == 2 and attrs.get("axis", 0) == 0 \
+                and table.data_type == onnx.TensorProto.FLOAT and table.dims[1] % embedding.block_size == 0:
+            nodes.append(_quantized_gather(g, n, table, embedding, entries))
+            continue
         wname = alias.get(n.input[1], n.input[1]) if len(n.input) > 1 else ""
         w = inits.get(wname)
         bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 else ""
@@ -105,12 +112,17 @@ def quantize_graph(model, scheme: QuantScheme | None) -> tuple[object, list[Tens
         weight = numpy_helper.to_array(w)
         weight = weight if n.op_type == "Gemm" and attrs.get("transB", 0) else weight.T      # [N, K]
         out_features, in_features = weight.shape
+        # the report names a weight by its node where torch's exporter named it "onnx::MatMul_123"
+        label = wname if not wname.startswith("onnx::") else (n.name or wname).strip("/")
         if scheme is None:
-            entries.append(TensorEntry(name=wname, shape=(out_features, in_features), dtype="float32"))
+            entries.append(TensorEntry(name=label, shape=(out_features, in_features), dtype="float32"))
             nodes.append(n)
             continue
         q = quantize(np.ascontiguousarray(weight, np.float32), scheme)
-        entries.append(TensorEntry(name=wname, shape=(out_features, in_features), dtype=scheme.dtype,
+        del weight
+        if sum(1 for m in g.node if wname in m.input or alias.get(m.input[1] if len(m.input) > 1 else "") == wname) == 1:
+            w.ClearField("raw_data")                                 # read by this node only: free it now
+        entries.append(TensorEntry(name=label, shape=(out_features, in_features), dtype=scheme.dtype,
                                    method=q.scheme.method, block_size=scheme.block_size, symmetric=scheme.symmetric,
                                    max_rel_err=q.max_rel_err, rms_rel_err=q.rms_rel_err))
         base = n.name or wname
@@ -138,9 +150,28 @@ def quantize_graph(model, scheme: QuantScheme | None) -> tuple[object, list[Tens
     keep = [t for t in g.initializer if t.name in read]
     del g.initializer[:]
     g.initializer.extend(keep)
-    if scheme is not None and not any(o.domain == MS for o in model.opset_import):
+    if (scheme or embedding) is not None and not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     return model, entries
+
+
+def _quantized_gather(g, node, table, scheme: QuantScheme, entries: list):
+    """GatherBlockQuantized over `table` [V, H] quantized along H (the node's replacement)."""
+    from onnx import helper, numpy_helper
+    w = numpy_helper.to_array(table).astype(np.float32)
+    q = quantize(w, scheme)
+    entries.append(TensorEntry(name=table.name, shape=tuple(w.shape), dtype=scheme.dtype, method=q.scheme.method,
+                               block_size=scheme.block_size, symmetric=scheme.symmetric, max_rel_err=q.max_rel_err,
+                               rms_rel_err=q.rms_rel_err))
+    base = node.name or table.name
+    g.initializer.extend([numpy_helper.from_array(q.packed.reshape(w.shape[0], -1), base + ".qweight"),
+                          numpy_helper.from_array(q.scales.astype(np.float32), base + ".scales")])
+    ins = [base + ".qweight", node.input[1], base + ".scales"]
+    if q.zero_points is not None:
+        g.initializer.append(numpy_helper.from_array(q.zero_points, base + ".zero_points"))
+        ins.append(base + ".zero_points")
+    return helper.make_node("GatherBlockQuantized", ins, list(node.output), name=base, domain=MS, gather_axis=0,
+                            quantize_axis=1, block_size=scheme.block_size, bits=scheme.bits)
 
 
 def save_graph(model, folder: Path, name: str) -> list[str]:
@@ -280,10 +311,10 @@ def speech_spec(encoder, decoder, with_past, src: Path, config: dict, gen: dict,
                       max_tokens=int(config.get("max_target_positions", 448))), fe.mel_filters
 
 
-def build_with_optimum(src: Path, tmp: Path, scheme: QuantScheme | None, *, task: str, config: dict, gen: dict,
-                       progress=lambda done, total: None) -> dict:
+def build_with_optimum(src: Path, tmp: Path, scheme: QuantScheme | None, *, embedding: QuantScheme | None,
+                       task: str, config: dict, gen: dict, progress=lambda done, total: None) -> dict:
     """optimum's export of `src` quantized into bundle folder `tmp`: the manifest's task sections,
-    tensors, files and parameter count (keyword arguments of Manifest and the model spec)."""
+    tensors and files."""
     import onnx
     raw = Path(tempfile.mkdtemp(prefix=".optimum-", dir=tmp.parent))
     try:
@@ -291,19 +322,18 @@ def build_with_optimum(src: Path, tmp: Path, scheme: QuantScheme | None, *, task
         names = {"text-generation": {"model": "model.onnx"}, "feature-extraction": {"model": "model.onnx"},
                  "automatic-speech-recognition": {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
                                                   "decoder_with_past": "decoder_with_past_model.onnx"}}[task]
-        graphs, tensors, files, params = {}, [], [], 0
+        graphs, tensors, files = {}, [], []
         for i, (role, name) in enumerate(names.items()):
             if not (raw / name).is_file():
                 raise UnsupportedError(f"optimum made {sorted(p.name for p in raw.glob('*.onnx'))}, not {name}")
             model = onnx.load(str(raw / name))
-            model, entries = quantize_graph(model, scheme)
+            model, entries = quantize_graph(model, scheme, embedding)
             out = "model.onnx" if role == "model" else f"{role}.onnx"
             files += save_graph(model, tmp, out)
             graphs[role] = (model, out)
             tensors += [e if role == "model" else TensorEntry(**{**e.__dict__, "name": f"{role}/{e.name}"}) for e in entries]
-            params += sum(int(np.prod(t.dims)) for t in onnx.load(str(raw / name), load_external_data=False).graph.initializer)
             progress(i + 1, len(names))
-        result = dict(tensors=tuple(tensors), files=files, num_parameters=params, task=task)
+        result = dict(tensors=tuple(tensors), files=files, task=task)
         if task == "text-generation":
             model, out = graphs["model"]
             result["graph"] = decoder_graph(model, out, tuple(f for f in files if f.endswith(".data")))

@@ -97,6 +97,9 @@ class HFFolder:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(meta["shape"])) for _, meta in self._where.values())
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise MissingTensorError(f"tensor {name!r} is not in the checkpoint at {self.root} "
