@@ -183,10 +183,10 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         if optimum:
             from .optimum_export import build_with_optimum, max_positions, model_spec
             bar = _progress(3 if task == "automatic-speech-recognition" else 1, progress, unit="graph")
-            policy = options.policy()
-            built = build_with_optimum(Path(src), tmp, policy.attention, embedding=policy.embed, task=task,
-                                       config=source.config,
-                                       gen=source.generation_config(), progress=lambda done, total: bar.update(1))
+            policy = options.policy(tied=bool(source.config.get("tie_word_embeddings", True)))
+            built = build_with_optimum(Path(src), tmp, policy.attention, embedding=policy.embed, head=policy.lm_head,
+                                       task=task, config=source.config, gen=source.generation_config(),
+                                       progress=lambda done, total: bar.update(1))
             graph, tensors, files = built.get("graph"), built["tensors"], built["files"]
             sections = {k: built[k] for k in ("embedding", "speech") if k in built}
             max_ctx = min(max_positions(source.config), options.max_context or max_positions(source.config))

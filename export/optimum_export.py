@@ -80,12 +80,14 @@ main_export(**json.loads(sys.argv[1]))
 """
 
 
-def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | None = None) -> tuple[object, list[TensorEntry]]:
+def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | None = None, *,
+                   head: QuantScheme | None = None) -> tuple[object, list[TensorEntry]]:
     """MatMul(x, W) and Gemm(x, W, b) with W a constant float32 [K, N] (Gemm: transB read, a 1-D bias)
     -> MatMulNBits over W^T [N, K], and Gather(E, ids) of a constant table E [V, H] ->
     GatherBlockQuantized at `embedding` (only the gathered rows are read: int8 costs no speed), in
-    place; the rest is left as optimum made it. Returns the model and one TensorEntry per weight (fp32
-    ones too, for the report)."""
+    place; the rest is left as optimum made it. The linear layer that writes the graph's `logits` gets
+    `head` (as edge's own export: a tied head at the embedding's int8). Returns the model and one
+    TensorEntry per weight (fp32 ones too, for the report)."""
     import onnx
     from onnx import helper, numpy_helper
     g = model.graph
@@ -93,8 +95,11 @@ def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | N
     # torch's exporter shares equal constants through Identity nodes
     alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity" and n.input[0] in inits}
     entries, nodes = [], []
+    outputs = {o.name for o in g.output}
+    linear_scheme = scheme
     for n in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        scheme = head if n.output and n.output[0] == "logits" and "logits" in outputs else linear_scheme
         table = inits.get(alias.get(n.input[0], n.input[0])) if n.op_type == "Gather" and n.input else None
         if table is not None and embedding is not None and len(table.dims) == 2 and attrs.get("axis", 0) == 0 \
                 and table.data_type == onnx.TensorProto.FLOAT and table.dims[1] % embedding.block_size == 0:
@@ -138,7 +143,6 @@ def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | N
                                       N=out_features, bits=scheme.bits, block_size=scheme.block_size,
                                       accuracy_level=4))
     # drop what no node reads any more: Identity aliases of a quantized weight, then the weight
-    outputs = {o.name for o in g.output}
     while True:
         read = {x for n in nodes for x in n.input} | outputs
         kept = [n for n in nodes if n.op_type != "Identity" or n.output[0] in read]
@@ -150,7 +154,7 @@ def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | N
     keep = [t for t in g.initializer if t.name in read]
     del g.initializer[:]
     g.initializer.extend(keep)
-    if (scheme or embedding) is not None and not any(o.domain == MS for o in model.opset_import):
+    if (linear_scheme or embedding or head) is not None and not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     return model, entries
 
@@ -312,7 +316,8 @@ def speech_spec(encoder, decoder, with_past, src: Path, config: dict, gen: dict,
 
 
 def build_with_optimum(src: Path, tmp: Path, scheme: QuantScheme | None, *, embedding: QuantScheme | None,
-                       task: str, config: dict, gen: dict, progress=lambda done, total: None) -> dict:
+                       head: QuantScheme | None, task: str, config: dict, gen: dict,
+                       progress=lambda done, total: None) -> dict:
     """optimum's export of `src` quantized into bundle folder `tmp`: the manifest's task sections,
     tensors and files."""
     import onnx
@@ -327,7 +332,7 @@ def build_with_optimum(src: Path, tmp: Path, scheme: QuantScheme | None, *, embe
             if not (raw / name).is_file():
                 raise UnsupportedError(f"optimum made {sorted(p.name for p in raw.glob('*.onnx'))}, not {name}")
             model = onnx.load(str(raw / name))
-            model, entries = quantize_graph(model, scheme, embedding)
+            model, entries = quantize_graph(model, scheme, embedding, head=head)
             out = "model.onnx" if role == "model" else f"{role}.onnx"
             files += save_graph(model, tmp, out)
             graphs[role] = (model, out)
