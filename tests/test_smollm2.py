@@ -69,6 +69,23 @@ def test_hf_folder_fp32_greedy_equals_transformers(smollm2_hf, workdir):
         assert greedy(m, ids) == hf_greedy(ref, ids), p
 
 
+def test_hf_folder_through_optimum_greedy_equals_transformers(smollm2_hf, workdir):
+    """The real model through the optimum path (--via optimum): the same greedy text as transformers."""
+    pytest.importorskip("optimum.exporters.onnx", reason="needs optimum-onnx (pip install 'edge[export]')")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from export import ExportOptions, export_model
+    b = export_model(str(smollm2_hf), workdir / "smollm2-hf-optimum", ExportOptions(quant="fp32", via="optimum"),
+                     progress=False).out
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
+    m = edge.load(b, threads=2, context_length=256)
+    assert m.manifest.graph.attention_mask
+    for p in PROMPTS:
+        ids = m.encode(p)
+        assert greedy(m, ids) == hf_greedy(ref, ids), p
+
+
 def test_gguf_tokenizer_equals_the_original(gguf_bundles):
     from conftest import FIXTURE_MISSING, SHARED
     original = SHARED / "fixtures" / "smolmoe" / "tokenizer.json"
