@@ -77,7 +77,7 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
         needed_files.append(manifest.embedding.file)
     if manifest.speech is not None:
         sp = manifest.speech
-        needed_files += [sp.encoder, sp.decoder, sp.decoder_with_past, sp.mel_filters]
+        needed_files += [sp.encoder, sp.decoder, sp.mel_filters]
     if manifest.moe is not None:
         needed_files += [st.file for st in manifest.moe.stages] + [manifest.moe.expert_graph, manifest.moe.expert_file]
     for needed in needed_files:

@@ -257,9 +257,9 @@ class EmbeddingSpec:
 
 @dataclass(frozen=True)
 class SpeechCache:
-    """One attention cache tensor of a speech decoder: `input` of decoder_with_past, filled first by the
-    decoder's output `first`, then replaced by decoder_with_past's output `step` ("" for the
-    cross-attention keys and values, which stay as the first pass made them)."""
+    """One attention cache tensor of a speech decoder: its input `input`, filled by the prompt pass's
+    output `first`, then replaced after each step by the output `step` ("" for the cross-attention
+    keys and values, which stay as the prompt pass made them)."""
     input: str
     first: str
     step: str
@@ -271,15 +271,16 @@ AUDIO_FEATURES = ("whisper-log-mel",)
 @dataclass(frozen=True)
 class SpeechSpec:
     """Speech recognition as encoder + decoder (Whisper): the audio's log-mel features [1, n_mels,
-    frames] -> `encoder` -> states; `decoder` runs the prompt tokens over them and fills every cache
-    tensor; `decoder_with_past` then runs one token at a time. Features: `features` names the recipe
+    frames] -> `encoder` -> states; `decoder` runs the prompt tokens over them with its bool input
+    `use_cache` false (the cache inputs empty) and fills every cache tensor, then one token at a time
+    with `use_cache` true (optimum's merged decoder: one graph, one copy of the weights). Features: `features` names the recipe
     (edge/speech.py), with an STFT of n_fft / hop_length at sample_rate and the mel filter bank
     [n_fft // 2 + 1, n_mels] stored in `mel_filters` (float32, .npy); audio goes in chunk_seconds at a time."""
     encoder: str
     encoder_input: str
     encoder_output: str
     decoder: str
-    decoder_with_past: str
+    use_cache: str
     input_ids: str
     encoder_states: str          # the decoder's input that takes the encoder's output
     logits: str

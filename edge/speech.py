@@ -10,8 +10,8 @@
             maximum -> (x + 4) / 4; [n_mels, 3000] for 30 s
     decode  encoder(features) -> states; the decoder runs the prompt (<|startoftranscript|>,
             language, task, <|notimestamps|>) over them and fills the cache; then greedy, one
-            token at a time through decoder_with_past, with the checkpoint's suppressed tokens,
-            until <|endoftext|> or the decoder's positions run out
+            token at a time over the cache, with the checkpoint's suppressed tokens, until
+            <|endoftext|> or the decoder's positions run out
 """
 from __future__ import annotations
 
@@ -105,7 +105,6 @@ class Transcriber:
         options = session_options(threads)
         self.encoder = open_session(bundle.path(s.encoder), options)
         self.decoder = open_session(bundle.path(s.decoder), options)
-        self.decoder_with_past = open_session(bundle.path(s.decoder_with_past), options)
         self.tokenizer = Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer.file)))
         self.filters = np.load(bundle.path(s.mel_filters))                    # [n_fft / 2 + 1, n_mels]
         if self.filters.shape != (s.n_fft // 2 + 1, s.n_mels):
@@ -115,6 +114,11 @@ class Transcriber:
         self._cache_inputs = [c.input for c in s.cache]
         self._first = [c.first for c in s.cache]
         self._step = [c.step for c in s.cache if c.step]
+        # the prompt pass reads no cache: empty tensors of the inputs' ranks ([1, heads, 0, head_dim])
+        shapes = {i.name: i.shape for i in self.decoder.get_inputs()}
+        self._empty = {c.input: np.zeros([1] + [d if isinstance(d, int) else 0 for d in shapes[c.input][1:]],
+                                         np.float32) for c in s.cache}
+        self._no_cache, self._with_cache = np.array([False]), np.array([True])
 
     def features(self, audio: np.ndarray) -> np.ndarray:
         """Log-mel features [1, n_mels, frames] of one window of 16 kHz audio."""
@@ -150,8 +154,7 @@ class Transcriber:
         ids = [s.start_token]
         if s.languages:
             if language is None:
-                logits = self.decoder.run([s.logits], {s.input_ids: np.array([ids], np.int64),
-                                                       s.encoder_states: states})[0][0, -1]
+                logits = self._prompt_pass(ids, states, [s.logits])[0][0, -1]
                 language = max(s.languages, key=lambda code: logits[s.languages[code]])
             if language not in s.languages:
                 raise ConfigError(f"unknown language {language!r}; this model knows {', '.join(sorted(s.languages))}")
@@ -166,6 +169,11 @@ class Transcriber:
             ids.append(s.no_timestamps)
         return ids
 
+    def _prompt_pass(self, ids: list[int], states: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        s = self.spec
+        return self.decoder.run(outputs, {s.input_ids: np.array([ids], np.int64), s.encoder_states: states,
+                                          s.use_cache: self._no_cache, **self._empty})
+
     def generate_ids(self, features: np.ndarray, *, language: str | None = None, task: str = "transcribe",
                      max_new_tokens: int | None = None) -> list[int]:
         """Greedy token ids (prompt and <|endoftext|> left out) for features [1, n_mels, frames]."""
@@ -173,8 +181,7 @@ class Transcriber:
         states = self.encoder.run([s.encoder_output], {s.encoder_input: features.astype(np.float32)})[0]
         prompt = self.prompt(states, language, task)
         limit = s.max_tokens - len(prompt) if max_new_tokens is None else min(max_new_tokens, s.max_tokens - len(prompt))
-        out = self.decoder.run([s.logits, *self._first], {s.input_ids: np.array([prompt], np.int64),
-                                                           s.encoder_states: states})
+        out = self._prompt_pass(prompt, states, [s.logits, *self._first])
         logits, cache = out[0][0, -1], dict(zip(self._cache_inputs, out[1:]))
         suppress = list(s.suppress_tokens)
         tokens: list[int] = []
@@ -187,8 +194,9 @@ class Transcriber:
             tokens.append(token)
             if len(tokens) == limit:
                 break
-            out = self.decoder_with_past.run([s.logits, *self._step],
-                                             {s.input_ids: np.array([[token]], np.int64), **cache})
+            out = self.decoder.run([s.logits, *self._step], {s.input_ids: np.array([[token]], np.int64),
+                                                             s.encoder_states: states, s.use_cache: self._with_cache,
+                                                             **cache})
             logits = out[0][0, -1]
             for c, value in zip((c for c in s.cache if c.step), out[1:]):
                 cache[c.input] = value

@@ -63,8 +63,10 @@ def run_optimum(src: Path, out: Path, task: str) -> None:
                                f"{', '.join(sorted(supported))}")
     # in a process of its own: it loads the whole model with torch (its memory is returned when it
     # exits) and makes onnxruntime sessions of its own, which a process using edge's global pool refuses
+    # post-processing merges a speech decoder's two graphs (prompt, then steps) into one that shares
+    # their weights (an If on use_cache_branch); nothing else needs it
     args = dict(model_name_or_path=str(src), output=str(out), task=OPTIMUM_TASKS[task], do_validation=False,
-                no_post_process=True, library_name="transformers", device="cpu")
+                no_post_process=task != "automatic-speech-recognition", library_name="transformers", device="cpu")
     r = subprocess.run([sys.executable, "-c", _RUN, json.dumps(args)], capture_output=True, text=True)
     if r.returncode != 0:
         lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
@@ -80,102 +82,158 @@ main_export(**json.loads(sys.argv[1]))
 """
 
 
+def _subgraphs(node):
+    from onnx import AttributeProto
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _all_nodes(graph):
+    """The graph's nodes and those of its subgraphs (If branches: optimum's merged decoders)."""
+    for n in graph.node:
+        yield n
+        for sub in _subgraphs(n):
+            yield from _all_nodes(sub)
+
+
 def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | None = None, *,
                    head: QuantScheme | None = None) -> tuple[object, list[TensorEntry]]:
     """MatMul(x, W) and Gemm(x, W, b) with W a constant float32 [K, N] (Gemm: transB read, a 1-D bias)
     -> MatMulNBits over W^T [N, K], and Gather(E, ids) of a constant table E [V, H] ->
     GatherBlockQuantized at `embedding` (only the gathered rows are read: int8 costs no speed), in
-    place; the rest is left as optimum made it. The linear layer that writes the graph's `logits` gets
-    `head` (as edge's own export: a tied head at the embedding's int8). Returns the model and one
-    TensorEntry per weight (fp32 ones too, for the report)."""
+    place, in subgraphs too (a merged decoder's two branches share one quantized copy); the rest is
+    left as optimum made it. The linear layer that writes the graph's `logits` gets `head` (as edge's
+    own export: a tied head at the embedding's int8). Returns the model and one TensorEntry per
+    weight (fp32 ones too, for the report)."""
     import onnx
     from onnx import helper, numpy_helper
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    top = model.graph
+    inits = {t.name: t for t in top.initializer}
     # torch's exporter shares equal constants through Identity nodes
-    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity" and n.input[0] in inits}
-    entries, nodes = [], []
-    outputs = {o.name for o in g.output}
-    linear_scheme = scheme
-    for n in g.node:
+    alias = {n.output[0]: n.input[0] for n in _all_nodes(top) if n.op_type == "Identity" and n.input[0] in inits}
+    # and a tied head as MatMul(x, Transpose(embedding)) (optimum's merged decoders)
+    transposed_of = {n.output[0]: alias.get(n.input[0], n.input[0]) for n in _all_nodes(top)
+                     if n.op_type == "Transpose" and alias.get(n.input[0], n.input[0]) in inits
+                     and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
+    uses: dict[str, int] = {}
+    for n in _all_nodes(top):
+        for x in n.input:
+            uses[alias.get(x, x)] = uses.get(alias.get(x, x), 0) + 1
+    entries, done = [], {}              # done: (weight, transposed, scheme) -> names of its quantized tensors
+
+    def add(name: str, array: np.ndarray) -> str:
+        top.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def linear(n, scheme: QuantScheme | None):
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        scheme = head if n.output and n.output[0] == "logits" and "logits" in outputs else linear_scheme
-        table = inits.get(alias.get(n.input[0], n.input[0])) if n.op_type == "Gather" and n.input else None
-        if table is not None and embedding is not None and len(table.dims) == 2 and attrs.get("axis", 0) == 0 \
-                and table.data_type == onnx.TensorProto.FLOAT and table.dims[1] % embedding.block_size == 0:
-            nodes.append(_quantized_gather(g, n, table, embedding, entries))
-            continue
         wname = alias.get(n.input[1], n.input[1]) if len(n.input) > 1 else ""
+        through_transpose = n.op_type == "MatMul" and wname in transposed_of
+        if through_transpose:
+            wname = transposed_of[wname]
         w = inits.get(wname)
         bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 else ""
-        linear = n.op_type == "MatMul" or (n.op_type == "Gemm" and not attrs.get("transA", 0)
-                                           and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
-                                           and (not bias or len(inits.get(alias.get(bias, bias), w).dims) == 1))
-        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT or not linear:
-            nodes.append(n)
-            continue
-        weight = numpy_helper.to_array(w)
-        weight = weight if n.op_type == "Gemm" and attrs.get("transB", 0) else weight.T      # [N, K]
-        out_features, in_features = weight.shape
-        # the report names a weight by its node where torch's exporter named it "onnx::MatMul_123"
-        label = wname if not wname.startswith("onnx::") else (n.name or wname).strip("/")
-        if scheme is None:
-            entries.append(TensorEntry(name=label, shape=(out_features, in_features), dtype="float32"))
-            nodes.append(n)
-            continue
-        q = quantize(np.ascontiguousarray(weight, np.float32), scheme)
-        del weight
-        if sum(1 for m in g.node if wname in m.input or alias.get(m.input[1] if len(m.input) > 1 else "") == wname) == 1:
-            w.ClearField("raw_data")                                 # read by this node only: free it now
-        entries.append(TensorEntry(name=label, shape=(out_features, in_features), dtype=scheme.dtype,
-                                   method=q.scheme.method, block_size=scheme.block_size, symmetric=scheme.symmetric,
-                                   max_rel_err=q.max_rel_err, rms_rel_err=q.rms_rel_err))
-        base = n.name or wname
-        ins = [n.input[0], base + ".qweight", base + ".scales", ""]
-        g.initializer.extend([numpy_helper.from_array(q.packed, base + ".qweight"),
-                              numpy_helper.from_array(q.scales.astype(np.float32), base + ".scales")])
-        if q.zero_points is not None:
-            g.initializer.append(numpy_helper.from_array(q.zero_points, base + ".zero_points"))
-            ins[3] = base + ".zero_points"
-        if bias:
-            ins += ["", bias]                                        # MatMulNBits' bias is input 5
-        nodes.append(helper.make_node("MatMulNBits", ins, [n.output[0]], name=base, domain=MS, K=in_features,
-                                      N=out_features, bits=scheme.bits, block_size=scheme.block_size,
-                                      accuracy_level=4))
-    # drop what no node reads any more: Identity aliases of a quantized weight, then the weight
+        plain = n.op_type == "MatMul" or (n.op_type == "Gemm" and not attrs.get("transA", 0)
+                                          and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+                                          and (not bias or len(inits.get(alias.get(bias, bias), w).dims) == 1))
+        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT or not plain:
+            return n
+        transposed = bool(n.op_type == "Gemm" and attrs.get("transB", 0)) or through_transpose
+        key = (wname, transposed, scheme)
+        if key not in done:
+            weight = numpy_helper.to_array(w)
+            weight = np.ascontiguousarray(weight if transposed else weight.T, np.float32)        # [N, K]
+            # the report names a weight by its node where torch's exporter named it "onnx::MatMul_123"
+            label = wname if not wname.startswith("onnx::") else (n.name or wname).strip("/")
+            if scheme is None:
+                entries.append(TensorEntry(name=label, shape=tuple(weight.shape), dtype="float32"))
+                done[key] = None
+            else:
+                q = quantize(weight, scheme)
+                entries.append(TensorEntry(name=label, shape=tuple(weight.shape), dtype=scheme.dtype,
+                                           method=q.scheme.method, block_size=scheme.block_size,
+                                           symmetric=scheme.symmetric, max_rel_err=q.max_rel_err,
+                                           rms_rel_err=q.rms_rel_err))
+                base = f"{label}.{scheme.dtype}"
+                done[key] = (add(base + ".qweight", q.packed), add(base + ".scales", q.scales.astype(np.float32)),
+                             add(base + ".zero_points", q.zero_points) if q.zero_points is not None else "",
+                             weight.shape)
+        if not through_transpose:      # (a Transpose node is the reader then; it goes when nothing reads it)
+            uses[wname] -= 1
+        if done[key] is None:
+            return n
+        if uses[wname] == 0:
+            w.ClearField("raw_data")                                 # nothing else reads it: free it now
+        qweight, scales, zero_points, (out_features, in_features) = done[key]
+        ins = [n.input[0], qweight, scales, zero_points] + (["", bias] if bias else [])   # bias: input 5
+        return helper.make_node("MatMulNBits", ins, [n.output[0]], name=n.name, domain=MS, K=in_features,
+                                N=out_features, bits=scheme.bits, block_size=scheme.block_size, accuracy_level=4)
+
+    def rewrite(graph, logits_here: bool) -> None:
+        nodes = []
+        for n in graph.node:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"}
+            table = inits.get(alias.get(n.input[0], n.input[0])) if n.op_type == "Gather" and n.input else None
+            if table is not None and embedding is not None and len(table.dims) == 2 and attrs.get("axis", 0) == 0 \
+                    and table.data_type == onnx.TensorProto.FLOAT and table.dims[1] % embedding.block_size == 0:
+                nodes.append(_quantized_gather(top, n, table, embedding, entries, done))
+                continue
+            for sub in _subgraphs(n):
+                rewrite(sub, logits_here and "logits" in {o.name for o in sub.output})
+            is_head = logits_here and n.output and n.output[0] == "logits"
+            nodes.append(linear(n, head if is_head else scheme) if n.op_type in ("MatMul", "Gemm") else n)
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    rewrite(top, "logits" in {o.name for o in top.output})
+    # drop what no node reads any more: Identity aliases and Transposes of a quantized weight, then the weight
+    outputs = {o.name for o in top.output} | {o.name for n in _all_nodes(top) for sub in _subgraphs(n) for o in sub.output}
+
+    def dead(n) -> bool:       # a weight's alias or transpose that nothing reads
+        return n.op_type in ("Identity", "Transpose") and alias.get(n.input[0], n.input[0]) in inits \
+            and n.output[0] not in read
     while True:
-        read = {x for n in nodes for x in n.input} | outputs
-        kept = [n for n in nodes if n.op_type != "Identity" or n.output[0] in read]
-        if len(kept) == len(nodes):
+        read = {x for n in _all_nodes(top) for x in n.input} | outputs
+        if not any(dead(n) for n in _all_nodes(top)):
             break
-        nodes = kept
-    del g.node[:]
-    g.node.extend(nodes)
-    keep = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    if (linear_scheme or embedding or head) is not None and not any(o.domain == MS for o in model.opset_import):
+        for graph in [top, *(sub for n in _all_nodes(top) for sub in _subgraphs(n))]:
+            keep = [n for n in graph.node if not dead(n)]
+            if len(keep) != len(graph.node):
+                del graph.node[:]
+                graph.node.extend(keep)
+    keep = [t for t in top.initializer if t.name in read]
+    del top.initializer[:]
+    top.initializer.extend(keep)
+    if (scheme or embedding or head) is not None and not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     return model, entries
 
 
-def _quantized_gather(g, node, table, scheme: QuantScheme, entries: list):
+def _quantized_gather(g, node, table, scheme: QuantScheme, entries: list, done: dict):
     """GatherBlockQuantized over `table` [V, H] quantized along H (the node's replacement)."""
     from onnx import helper, numpy_helper
-    w = numpy_helper.to_array(table).astype(np.float32)
-    q = quantize(w, scheme)
-    entries.append(TensorEntry(name=table.name, shape=tuple(w.shape), dtype=scheme.dtype, method=q.scheme.method,
-                               block_size=scheme.block_size, symmetric=scheme.symmetric, max_rel_err=q.max_rel_err,
-                               rms_rel_err=q.rms_rel_err))
-    base = node.name or table.name
-    g.initializer.extend([numpy_helper.from_array(q.packed.reshape(w.shape[0], -1), base + ".qweight"),
-                          numpy_helper.from_array(q.scales.astype(np.float32), base + ".scales")])
-    ins = [base + ".qweight", node.input[1], base + ".scales"]
-    if q.zero_points is not None:
-        g.initializer.append(numpy_helper.from_array(q.zero_points, base + ".zero_points"))
-        ins.append(base + ".zero_points")
-    return helper.make_node("GatherBlockQuantized", ins, list(node.output), name=base, domain=MS, gather_axis=0,
-                            quantize_axis=1, block_size=scheme.block_size, bits=scheme.bits)
+    key = (table.name, "gather", scheme)
+    if key not in done:
+        w = numpy_helper.to_array(table).astype(np.float32)
+        q = quantize(w, scheme)
+        entries.append(TensorEntry(name=table.name, shape=tuple(w.shape), dtype=scheme.dtype, method=q.scheme.method,
+                                   block_size=scheme.block_size, symmetric=scheme.symmetric, max_rel_err=q.max_rel_err,
+                                   rms_rel_err=q.rms_rel_err))
+        base = f"{table.name}.gather.{scheme.dtype}"
+        names = [base + ".qweight", base + ".scales"]
+        g.initializer.extend([numpy_helper.from_array(q.packed.reshape(w.shape[0], -1), names[0]),
+                              numpy_helper.from_array(q.scales.astype(np.float32), names[1])])
+        if q.zero_points is not None:
+            g.initializer.append(numpy_helper.from_array(q.zero_points, base + ".zero_points"))
+            names.append(base + ".zero_points")
+        done[key] = names
+    qweight, scales, *zero_points = done[key]
+    return helper.make_node("GatherBlockQuantized", [qweight, node.input[1], scales, *zero_points], list(node.output),
+                            name=node.name or table.name, domain=MS, gather_axis=0, quantize_axis=1,
+                            block_size=scheme.block_size, bits=scheme.bits)
 
 
 def save_graph(model, folder: Path, name: str) -> list[str]:
@@ -276,31 +334,34 @@ def embedding_spec(model, file: str, src: Path, config: dict) -> EmbeddingSpec:
                          pooling=mode, normalize=normalize, max_length=length or max_positions(config))
 
 
-def speech_spec(encoder, decoder, with_past, src: Path, config: dict, gen: dict,
+def speech_spec(encoder, decoder, src: Path, config: dict, gen: dict,
                 files: dict[str, str]) -> tuple[SpeechSpec, np.ndarray]:
-    """Whisper's three graphs (optimum: encoder_model, decoder_model, decoder_with_past_model) by role,
-    and the mel filter bank its feature extractor computes (stored so the runtime need not)."""
+    """Whisper's graphs (optimum: encoder_model, decoder_model_merged) by role, and the mel filter
+    bank its feature extractor computes (stored so the runtime need not)."""
     from transformers import WhisperFeatureExtractor
     fe = WhisperFeatureExtractor.from_pretrained(str(src))
     enc_in, enc_out = encoder.graph.input[0].name, encoder.graph.output[0].name
-    first_outs = {o.name for o in decoder.graph.output}
-    step_outs = {o.name for o in with_past.graph.output}
+    ins = {i.name: i for i in decoder.graph.input}
+    outs = {o.name: o for o in decoder.graph.output}
     cache = []
-    for i in with_past.graph.input:
-        if not i.name.startswith("past_key_values."):
+    for name, value in ins.items():
+        if not name.startswith("past_key_values."):
             continue
-        present = i.name.replace("past_key_values", "present")
-        if present not in first_outs:
-            raise UnsupportedError(f"the speech decoder has no output {present} for {i.name}")
-        cache.append(SpeechCache(input=i.name, first=present, step=present if present in step_outs else ""))
-    dec_ins = {i.name for i in decoder.graph.input}
-    if "encoder_hidden_states" not in dec_ins or "input_ids" not in dec_ins or not cache:
-        raise UnsupportedError(f"the speech decoder takes {sorted(dec_ins)}; edge needs input_ids and "
-                               "encoder_hidden_states")
+        present = name.replace("past_key_values", "present")
+        if present not in outs:
+            raise UnsupportedError(f"the speech decoder has no output {present} for {name}")
+        # a cache whose length the step does not change (the encoder's keys and values) stays as the
+        # first pass made it
+        grows = _shape(outs[present])[2] != _shape(value)[2]
+        cache.append(SpeechCache(input=name, first=present, step=present if grows else ""))
+    if not {"encoder_hidden_states", "input_ids", "use_cache_branch"} <= set(ins) or not cache:
+        raise UnsupportedError(f"the speech decoder takes {sorted(ins)}; edge needs optimum's merged decoder "
+                               "(input_ids, encoder_hidden_states, past_key_values.*, use_cache_branch)")
+
     def ids(v) -> dict[str, int]:
         return {str(k).strip("<|>"): int(t) for k, t in (v or {}).items()}
     return SpeechSpec(encoder=files["encoder"], encoder_input=enc_in, encoder_output=enc_out,
-                      decoder=files["decoder"], decoder_with_past=files["decoder_with_past"], input_ids="input_ids",
+                      decoder=files["decoder"], use_cache="use_cache_branch", input_ids="input_ids",
                       encoder_states="encoder_hidden_states", logits="logits", cache=tuple(cache),
                       features="whisper-log-mel", sample_rate=int(fe.sampling_rate), n_fft=int(fe.n_fft),
                       hop_length=int(fe.hop_length), n_mels=int(fe.feature_size), chunk_seconds=int(fe.chunk_length),
@@ -325,8 +386,8 @@ def build_with_optimum(src: Path, tmp: Path, scheme: QuantScheme | None, *, embe
     try:
         run_optimum(src, raw, task)
         names = {"text-generation": {"model": "model.onnx"}, "feature-extraction": {"model": "model.onnx"},
-                 "automatic-speech-recognition": {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
-                                                  "decoder_with_past": "decoder_with_past_model.onnx"}}[task]
+                 "automatic-speech-recognition": {"encoder": "encoder_model.onnx",
+                                                  "decoder": "decoder_model_merged.onnx"}}[task]
         graphs, tensors, files = {}, [], []
         for i, (role, name) in enumerate(names.items()):
             if not (raw / name).is_file():
@@ -347,8 +408,7 @@ def build_with_optimum(src: Path, tmp: Path, scheme: QuantScheme | None, *, embe
             result["embedding"] = embedding_spec(model, out, src, config)
         else:
             spec_files = {role: out for role, (_, out) in graphs.items()} | {"mel_filters": "mel_filters.npy"}
-            spec, filters = speech_spec(graphs["encoder"][0], graphs["decoder"][0], graphs["decoder_with_past"][0],
-                                        src, config, gen, spec_files)
+            spec, filters = speech_spec(graphs["encoder"][0], graphs["decoder"][0], src, config, gen, spec_files)
             np.save(tmp / "mel_filters.npy", np.asarray(filters, np.float32))
             files.append("mel_filters.npy")
             result["speech"] = spec
