@@ -48,9 +48,10 @@ def task_of(config: dict) -> str:
 
 
 def run_optimum(src: Path, out: Path, task: str) -> None:
-    """optimum's ONNX export of `src` for `task` into `out` (fp32, no merged decoders)."""
+    """optimum's ONNX export of `src` for `task` into `out` (fp32; a speech decoder's two graphs merged)."""
     try:
-        from optimum.exporters.onnx import main_export
+        # main_export's module registers the ONNX exporter's model types with TasksManager
+        from optimum.exporters.onnx import main_export  # noqa: F401
         from optimum.exporters.tasks import TasksManager
     except ImportError:
         raise EdgeError("this model needs optimum's exporter: pip install 'edge[export]' (it brings optimum-onnx)") from None
