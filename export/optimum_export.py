@@ -54,7 +54,7 @@ def run_optimum(src: Path, out: Path, task: str) -> None:
         from optimum.exporters.onnx import main_export  # noqa: F401
         from optimum.exporters.tasks import TasksManager
     except ImportError:
-        raise EdgeError("this model needs optimum's exporter: pip install 'edge[export]' (it brings optimum-onnx)") from None
+        raise EdgeError("this model needs optimum's exporter: pip install 'edge[optimum]' (optimum-onnx, with torch)") from None
     if task not in OPTIMUM_TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(OPTIMUM_TASKS)}")
     model_type = json.loads((src / "config.json").read_text()).get("model_type", "?")

@@ -13,7 +13,7 @@ import edge
 from edge.bundle import open_bundle
 from edge.errors import EdgeError, UnsupportedError
 
-pytest.importorskip("optimum.exporters.onnx", reason="the optimum path needs optimum-onnx (pip install 'edge[export]')")
+pytest.importorskip("optimum.exporters.onnx", reason="the optimum path needs optimum-onnx (pip install 'edge[optimum]')")
 
 from test_tiny_models import ours, reference  # noqa: E402
 

@@ -71,7 +71,7 @@ def test_hf_folder_fp32_greedy_equals_transformers(smollm2_hf, workdir):
 
 def test_hf_folder_through_optimum_greedy_equals_transformers(smollm2_hf, workdir):
     """The real model through the optimum path (--via optimum): the same greedy text as transformers."""
-    pytest.importorskip("optimum.exporters.onnx", reason="needs optimum-onnx (pip install 'edge[export]')")
+    pytest.importorskip("optimum.exporters.onnx", reason="needs optimum-onnx (pip install 'edge[optimum]')")
     import torch
     from transformers import AutoModelForCausalLM
 
