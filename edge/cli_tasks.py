@@ -43,7 +43,8 @@ def embed_command(bundle: str = typer.Argument(..., help="A feature-extraction b
     if len(texts) == 1:
         print(" ".join(f"{v:.4f}" for v in vectors[0][:8]) + (" ..." if vectors.shape[1] > 8 else ""))
         return
-    unit = vectors / (abs(vectors) ** 2).sum(1, keepdims=True) ** 0.5
+    import numpy as np
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     sims = unit @ unit.T
     width = max(len(t[:40]) for t in texts)
     print(f"\n{'cosine':<{width}} " + " ".join(f"{i:>6}" for i in range(len(texts))))

@@ -154,10 +154,7 @@ def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | N
                 done[key] = None
             else:
                 q = quantize(weight, scheme)
-                entries.append(TensorEntry(name=label, shape=tuple(weight.shape), dtype=scheme.dtype,
-                                           method=q.scheme.method, block_size=scheme.block_size,
-                                           symmetric=scheme.symmetric, max_rel_err=q.max_rel_err,
-                                           rms_rel_err=q.rms_rel_err))
+                entries.append(_entry(label, weight.shape, q))
                 base = f"{label}.{scheme.dtype}"
                 done[key] = (add(base + ".qweight", q.packed), add(base + ".scales", q.scales.astype(np.float32)),
                              add(base + ".zero_points", q.zero_points) if q.zero_points is not None else "",
@@ -213,6 +210,13 @@ def quantize_graph(model, scheme: QuantScheme | None, embedding: QuantScheme | N
     return model, entries
 
 
+def _entry(name: str, shape, q) -> TensorEntry:
+    """The manifest's record of one quantized weight and the error its quantization made."""
+    return TensorEntry(name=name, shape=tuple(shape), dtype=q.scheme.dtype, method=q.scheme.method,
+                       block_size=q.scheme.block_size, symmetric=q.scheme.symmetric, max_rel_err=q.max_rel_err,
+                       rms_rel_err=q.rms_rel_err)
+
+
 def _quantized_gather(g, node, table, scheme: QuantScheme, entries: list, done: dict):
     """GatherBlockQuantized over `table` [V, H] quantized along H (the node's replacement)."""
     from onnx import helper, numpy_helper
@@ -220,9 +224,7 @@ def _quantized_gather(g, node, table, scheme: QuantScheme, entries: list, done: 
     if key not in done:
         w = numpy_helper.to_array(table).astype(np.float32)
         q = quantize(w, scheme)
-        entries.append(TensorEntry(name=table.name, shape=tuple(w.shape), dtype=scheme.dtype, method=q.scheme.method,
-                                   block_size=scheme.block_size, symmetric=scheme.symmetric, max_rel_err=q.max_rel_err,
-                                   rms_rel_err=q.rms_rel_err))
+        entries.append(_entry(table.name, w.shape, q))
         base = f"{table.name}.gather.{scheme.dtype}"
         names = [base + ".qweight", base + ".scales"]
         g.initializer.extend([numpy_helper.from_array(q.packed.reshape(w.shape[0], -1), names[0]),
