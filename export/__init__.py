@@ -141,12 +141,6 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         raise ConfigError("--calib informs the mse and gptq methods: it needs --method mse or gptq")
     if options.method == "gptq" and not options.calib:
         raise ConfigError("--method gptq needs a calibration text: give it --calib FILE")
-    calibration = None
-    if options.calib:
-        from .calib import collect
-        out.parent.mkdir(parents=True, exist_ok=True)
-        calibration = collect(src, options.calib, max_tokens=options.calib_tokens, gram=options.method == "gptq",
-                              workdir=out.parent)
     source = open_source(src)
     if options.via not in VIAS:
         raise ConfigError(f"unknown --via {options.via!r}; choose one of {', '.join(VIAS)}")
@@ -157,8 +151,9 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
             raise UnsupportedError(f"{source.config.get('model_type')!r} from {source.format} is not supported: "
                                    "optimum exports Hugging Face folders; edge's own architectures are "
                                    + ", ".join(supported()))
-        if options.calib or options.quant_policy:
-            raise ConfigError("--calib and --quant-policy apply to edge's own architectures, not optimum's graphs")
+        if options.calib or options.quant_policy or options.method == "gptq":
+            raise ConfigError("--calib, --method gptq and --quant-policy apply to edge's own architectures, "
+                              "not optimum's graphs")
         from .optimum_export import task_of
         task = options.task or task_of(source.config)
         arch = None
@@ -173,6 +168,12 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         policy = options.policy(tied=arch.spec.tie_word_embeddings, moe_depths=depths)
         max_ctx = min(arch.spec.max_context, options.max_context or arch.spec.max_context)
     assets = source.tokenizer()
+    calibration = None
+    if options.calib:
+        from .calib import collect
+        out.parent.mkdir(parents=True, exist_ok=True)
+        calibration = collect(src, options.calib, max_tokens=options.calib_tokens, gram=options.method == "gptq",
+                              workdir=out.parent)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -182,9 +183,9 @@ def export_model(src: str, out: str | os.PathLike, options: ExportOptions = Expo
         moe, sections = None, {}
         if optimum:
             from .optimum_export import build_with_optimum, max_positions, model_spec
-            bar = _progress(3 if task == "automatic-speech-recognition" else 1, progress, unit="graph")
+            bar = _progress(2 if task == "automatic-speech-recognition" else 1, progress, unit="graph")
             policy = options.policy(tied=bool(source.config.get("tie_word_embeddings", True)))
-            built = build_with_optimum(Path(src), tmp, policy.attention, embedding=policy.embed, head=policy.lm_head,
+            built = build_with_optimum(source.root, tmp, policy.attention, embedding=policy.embed, head=policy.lm_head,
                                        task=task, config=source.config, gen=source.generation_config(),
                                        progress=lambda done, total: bar.update(1))
             graph, tensors, files = built.get("graph"), built["tensors"], built["files"]
