@@ -80,12 +80,11 @@ def plan_command(bundle: str = typer.Argument(..., help="An exported bundle."),
                                                              "memory (the whole process, as `edge run` takes it)."),
                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """What fits on a device: dense weights, KV cache, expert cache, threads, expected decode speed."""
-    from .bundle import open_bundle
     from .moe import parse_bytes
     from .cli_tasks import require_task
-    require_task(bundle, "text-generation", "edge plan")
+    manifest = require_task(bundle, "text-generation", "edge plan").manifest
     budget = None if memory_budget is None else parse_bytes(memory_budget)
-    p = device_plan(open_bundle(bundle).manifest, device, context, memory_budget=budget, folder=bundle)
+    p = device_plan(manifest, device, context, memory_budget=budget, folder=bundle)
     if as_json:
         print(json.dumps(p.as_dict()))
         return

@@ -14,12 +14,14 @@ COMMANDS = {"text-generation": "edge run / chat / serve / bench / eval", "featur
             "automatic-speech-recognition": "edge transcribe"}
 
 
-def require_task(bundle: str, task: str, command: str) -> None:
-    """A clear error when `bundle` is made for another task than `command` runs."""
+def require_task(bundle: str, task: str, command: str):
+    """The opened bundle, or a clear error when it is made for another task than `command` runs."""
     from .bundle import open_bundle
-    have = open_bundle(bundle).manifest.task
-    if have != task:
-        raise EdgeError(f"{bundle} is a {have} bundle; `{command}` runs {task} bundles: use {COMMANDS[have]}")
+    b = open_bundle(bundle)
+    if b.manifest.task != task:
+        raise EdgeError(f"{bundle} is a {b.manifest.task} bundle; `{command}` runs {task} bundles: "
+                        f"use {COMMANDS[b.manifest.task]}")
+    return b
 
 
 def embed_command(bundle: str = typer.Argument(..., help="A feature-extraction bundle."),
